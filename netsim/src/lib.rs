@@ -1,0 +1,1 @@
+//! netsim: a virtual network that runs the real `overlay` peer code.

@@ -1,0 +1,104 @@
+//! Validated configuration of a peer. The `meshd` binary parses TOML into raw structs and
+//! converts them into these types once; everything here is already checked.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::membership::MembershipConfig;
+use crate::tls::TlsSettings;
+
+/// A local service to publish.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceConfig {
+    /// Name other peers reach it by.
+    pub name: String,
+    /// Local TCP backend; never sent to peers.
+    pub backend: SocketAddr,
+}
+
+/// A local port forwarding to an overlay service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpstreamConfig {
+    /// Service name.
+    pub service: String,
+    /// Local TCP address to listen on.
+    pub listen: SocketAddr,
+}
+
+/// QUIC and stream settings.
+#[derive(Clone, Debug)]
+pub struct TransportSettings {
+    /// Close a connection after this long without traffic. Default 30 s.
+    pub idle_timeout: Duration,
+    /// Send keep-alives this often (None: let idle connections close). Default none.
+    pub keep_alive: Option<Duration>,
+    /// Concurrent bidirectional streams a peer may open on one connection. Default 1024.
+    pub max_streams_per_connection: u32,
+    /// RTT assumed before the first sample (loss recovery of the first flight). Default 100 ms.
+    pub initial_rtt: Duration,
+    /// How long a peer has to send a stream header. Default 10 s.
+    pub header_timeout: Duration,
+    /// How long to wait for a local backend to accept. Default 5 s.
+    pub backend_connect_timeout: Duration,
+    /// Most concurrent QUIC connections (inbound and outbound). Default 4096 (~80 KiB each).
+    pub max_connections: usize,
+    /// Re-check open connections' peers against expiry and the deny-set this often. Default 60 s.
+    pub revalidate_interval: Duration,
+}
+
+impl Default for TransportSettings {
+    fn default() -> Self {
+        Self {
+            idle_timeout: Duration::from_secs(30),
+            keep_alive: None,
+            max_streams_per_connection: 1024,
+            initial_rtt: Duration::from_millis(100),
+            header_timeout: Duration::from_secs(10),
+            backend_connect_timeout: Duration::from_secs(5),
+            max_connections: 4096,
+            revalidate_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Everything a peer needs besides its identity and socket.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// Address others dial (defaults to the bound address; required when bound to 0.0.0.0).
+    pub advertise: Option<SocketAddr>,
+    /// Addresses of peers to join through.
+    pub bootstrap: Vec<SocketAddr>,
+    /// Services published at start.
+    pub services: Vec<ServiceConfig>,
+    /// Local forwarding ports opened at start.
+    pub upstreams: Vec<UpstreamConfig>,
+    /// SWIM timing.
+    pub membership: MembershipConfig,
+    /// QUIC settings.
+    pub transport: TransportSettings,
+    /// TLS cache sizes.
+    pub tls: TlsSettings,
+    /// Generation of this run (must grow across restarts; the daemon uses wall-clock ms).
+    pub generation: u64,
+    /// Seed of every random choice of this peer (membership, backoff jitter, QUIC).
+    pub seed: u64,
+    /// Longest wait between join attempts. Default 10 s.
+    pub max_join_backoff: Duration,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            advertise: None,
+            bootstrap: Vec::new(),
+            services: Vec::new(),
+            upstreams: Vec::new(),
+            membership: MembershipConfig::default(),
+            transport: TransportSettings::default(),
+            tls: TlsSettings::default(),
+            generation: 1,
+            seed: 0,
+            max_join_backoff: Duration::from_secs(10),
+        }
+    }
+}

@@ -1,0 +1,25 @@
+//! meshd overlay: the peer library.
+//!
+//! - [`identity`]: the overlay CA, node certificates and node ids.
+//! - [`tls`]: TLS 1.3 mutual authentication, checked on every connection.
+//! - [`wire`]: versioned stream headers, frames and datagrams (pure encode/decode).
+//! - [`membership`]: SWIM membership (foca), sans-IO.
+//! - [`catalog`]: which peers publish which services, sans-IO.
+//! - [`node`]: the driver that owns sockets, connections, timers and tasks.
+//!
+//! The socket and runtime are injected so the network simulator runs this same code.
+
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+pub mod catalog;
+pub mod config;
+pub mod identity;
+pub mod membership;
+pub mod node;
+pub mod stats;
+pub mod tls;
+pub mod wire;
+
+pub use config::{NodeConfig, ServiceConfig, TransportSettings, UpstreamConfig};
+pub use identity::{NodeId, NodeIdentity};
+pub use node::{Node, NodeError, PeerView};

@@ -1,0 +1,1254 @@
+//! The peer driver: owns the QUIC endpoint, the connections, the timers and the tasks, and feeds
+//! the sans-IO parts ([`Membership`], [`Catalog`], [`crate::wire`]).
+//!
+//! Task tree (all spawned on the caller's tokio runtime; every channel is bounded):
+//!
+//! ```text
+//! Node
+//!  ├─ accept loop ── per connection: datagrams → membership actor, streams → handle_stream
+//!  ├─ membership actor (owns Membership, its timers; sends datagrams, reacts to up/down)
+//!  ├─ bootstrap (join with retries and backoff until a member is known)
+//!  ├─ catalog refresh (pull a random member's catalog now and then)
+//!  └─ one listener per [[upstream]] ── per TCP client: forward over a QUIC stream
+//! ```
+//!
+//! Shutdown ([`Node::shutdown`]): leave the cluster (others mark us down at once), stop the
+//! tasks, close the endpoint with code SHUTDOWN and wait (bounded) for connections to close.
+//!
+//! The socket and the runtime are injected ([`Node::spawn`] takes any `AsyncUdpSocket`), so
+//! netsim runs this exact code over a virtual network. Timing uses `tokio::time` only.
+
+use std::collections::{BinaryHeap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use quinn::{AsyncUdpSocket, VarInt};
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use serde::Serialize;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio::task::JoinHandle;
+use tokio::time::{timeout, Instant};
+use tracing::{debug, info, warn, Instrument};
+
+use crate::catalog::{Catalog, CatalogError, ServiceEntry};
+use crate::config::{NodeConfig, TransportSettings};
+use crate::identity::{CertInfo, NodeId, NodeIdStr, NodeIdentity};
+use crate::membership::{Membership, MembershipEvent, PeerIdentity, PeerState, Timer};
+use crate::stats::{self, Stats};
+use crate::tls::{self, authenticate_peer, AuthError, DenySet};
+use crate::wire::{self, code, StreamHeader, StreamKind};
+
+/// Errors starting a node.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    /// TLS configuration failed.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// Binding or configuring a socket failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A configured service is invalid.
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    /// The configuration is inconsistent.
+    #[error("configuration: {0}")]
+    Config(String),
+}
+
+/// Errors reaching a peer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DialError {
+    /// The peer is not a live member.
+    #[error("peer {0} is not a live member")]
+    UnknownPeer(NodeId),
+    /// QUIC refused to start the connection.
+    #[error("connect: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    /// The handshake failed.
+    #[error("handshake: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    /// The peer's identity was refused.
+    #[error("peer refused: {0}")]
+    Auth(#[from] AuthError),
+    /// Too many connections.
+    #[error("connection limit reached")]
+    Overloaded,
+}
+
+/// A member as shown by the admin API.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct PeerView {
+    /// Node id.
+    pub node_id: NodeIdStr,
+    /// Name.
+    pub name: String,
+    /// Address it is reached at.
+    pub addr: SocketAddr,
+    /// alive, suspect or down.
+    pub state: PeerState,
+    /// Generation of the member's current run.
+    pub generation: u64,
+}
+
+impl PartialEq for NodeIdStr {
+    fn eq(&self, other: &Self) -> bool {
+        self.0 == other.0
+    }
+}
+impl Eq for NodeIdStr {}
+
+enum Cmd {
+    Data {
+        from: NodeId,
+        name: String,
+        data: Bytes,
+    },
+    Announce(PeerIdentity),
+    Leave(oneshot::Sender<()>),
+    Peers(oneshot::Sender<Vec<(PeerIdentity, PeerState)>>),
+}
+
+/// A running peer. Cheap to clone; every clone drives the same peer.
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("node_id", &self.inner.info.node_id)
+            .field("name", &self.inner.info.name)
+            .finish()
+    }
+}
+
+struct Inner {
+    info: CertInfo,
+    me: PeerIdentity,
+    endpoint: quinn::Endpoint,
+    client_config: quinn::ClientConfig,
+    deny: DenySet,
+    transport: TransportSettings,
+    conns: Mutex<HashMap<NodeId, (quinn::Connection, CertInfo)>>,
+    dial_locks: Mutex<HashMap<NodeId, Arc<tokio::sync::Mutex<()>>>>,
+    conn_slots: Arc<Semaphore>,
+    alive: RwLock<HashMap<NodeId, PeerIdentity>>,
+    catalog: RwLock<Catalog>,
+    catalog_version: watch::Sender<u64>,
+    members: watch::Sender<usize>,
+    membership_tx: mpsc::Sender<Cmd>,
+    stats: Stats,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+    upstreams: Mutex<Vec<(String, SocketAddr)>>,
+    next_request_id: AtomicU64,
+    round_robin: AtomicUsize,
+    shutting_down: AtomicBool,
+    rng: Mutex<StdRng>,
+}
+
+/// Wall-clock seconds, for certificate expiry. The only wall-clock read of the driver.
+#[allow(clippy::disallowed_methods)]
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn transport_config(t: &TransportSettings) -> Result<quinn::TransportConfig, NodeError> {
+    let mut c = quinn::TransportConfig::default();
+    let idle = quinn::IdleTimeout::try_from(t.idle_timeout)
+        .map_err(|_| NodeError::Config("idle_timeout too large".into()))?;
+    c.max_idle_timeout(Some(idle))
+        .keep_alive_interval(t.keep_alive)
+        .max_concurrent_bidi_streams(VarInt::from_u32(t.max_streams_per_connection))
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .datagram_receive_buffer_size(Some(256 * 1024))
+        .datagram_send_buffer_size(256 * 1024)
+        .initial_rtt(t.initial_rtt);
+    Ok(c)
+}
+
+impl Node {
+    /// Binds a UDP socket on `listen` and starts the peer on it.
+    pub async fn bind(
+        listen: SocketAddr,
+        identity: NodeIdentity,
+        config: NodeConfig,
+    ) -> Result<Node, NodeError> {
+        let socket = std::net::UdpSocket::bind(listen).map_err(|source| NodeError::Io {
+            what: format!("bind UDP {listen}"),
+            source,
+        })?;
+        let runtime = quinn::default_runtime()
+            .ok_or_else(|| NodeError::Config("no async runtime".into()))?;
+        let socket = runtime
+            .wrap_udp_socket(socket)
+            .map_err(|source| NodeError::Io {
+                what: format!("UDP socket {listen}"),
+                source,
+            })?;
+        Self::spawn(socket, identity, config).await
+    }
+
+    /// Starts the peer on an injected socket (real UDP or netsim's virtual one).
+    pub async fn spawn(
+        socket: Arc<dyn AsyncUdpSocket>,
+        identity: NodeIdentity,
+        config: NodeConfig,
+    ) -> Result<Node, NodeError> {
+        let transport = Arc::new(transport_config(&config.transport)?);
+        let server_tls = tls::server_config(&identity, config.tls)?;
+        let quic_server = quinn::crypto::rustls::QuicServerConfig::try_from(server_tls)
+            .map_err(|e| tls::TlsError::Quic(e.to_string()))?;
+        let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quic_server));
+        server_config.transport_config(transport.clone());
+        let client_tls = tls::client_config(&identity, config.tls)?;
+        let quic_client = quinn::crypto::rustls::QuicClientConfig::try_from(client_tls)
+            .map_err(|e| tls::TlsError::Quic(e.to_string()))?;
+        let mut client_config = quinn::ClientConfig::new(Arc::new(quic_client));
+        client_config.transport_config(transport);
+
+        let mut seed = [0u8; 32];
+        seed[..8].copy_from_slice(&config.seed.to_le_bytes());
+        let mut endpoint_config = quinn::EndpointConfig::default();
+        endpoint_config.rng_seed(Some(seed));
+        let runtime = quinn::default_runtime()
+            .ok_or_else(|| NodeError::Config("no async runtime".into()))?;
+        let endpoint = quinn::Endpoint::new_with_abstract_socket(
+            endpoint_config,
+            Some(server_config),
+            socket,
+            runtime,
+        )
+        .map_err(|source| NodeError::Io {
+            what: "QUIC endpoint".into(),
+            source,
+        })?;
+        let local = endpoint.local_addr().map_err(|source| NodeError::Io {
+            what: "local address".into(),
+            source,
+        })?;
+        let advertise = match config.advertise {
+            Some(a) => a,
+            None if local.ip().is_unspecified() => {
+                return Err(NodeError::Config(format!(
+                    "listening on {local}: set `advertise` to the address peers should dial"
+                )))
+            }
+            None => local,
+        };
+        let info = identity.info.clone();
+        let me = PeerIdentity {
+            node_id: info.node_id,
+            addr: advertise,
+            generation: config.generation,
+            name: info.name.clone(),
+        };
+        let mut catalog = Catalog::new(info.node_id, config.generation);
+        for s in &config.services {
+            catalog.publish(&s.name, s.backend)?;
+        }
+        let membership = Membership::new(me.clone(), &config.membership, config.seed);
+        let (membership_tx, membership_rx) = mpsc::channel(4096);
+        let inner = Arc::new(Inner {
+            info,
+            me,
+            endpoint,
+            client_config,
+            deny: DenySet::default(),
+            conn_slots: Arc::new(Semaphore::new(config.transport.max_connections)),
+            transport: config.transport.clone(),
+            conns: Mutex::new(HashMap::new()),
+            dial_locks: Mutex::new(HashMap::new()),
+            alive: RwLock::new(HashMap::new()),
+            catalog: RwLock::new(catalog),
+            catalog_version: watch::channel(0).0,
+            members: watch::channel(0).0,
+            membership_tx,
+            stats: Stats::default(),
+            tasks: Mutex::new(Vec::new()),
+            upstreams: Mutex::new(Vec::new()),
+            next_request_id: AtomicU64::new(1),
+            round_robin: AtomicUsize::new(0),
+            shutting_down: AtomicBool::new(false),
+            rng: Mutex::new(StdRng::seed_from_u64(config.seed ^ 0x6d65_7368)),
+        });
+        let node = Node { inner };
+        let span = tracing::info_span!("node", node = %node.inner.info.name);
+
+        // Upstream listeners are bound before anything runs, so a bad port fails the start.
+        let mut listeners = Vec::new();
+        for up in &config.upstreams {
+            let l = TcpListener::bind(up.listen)
+                .await
+                .map_err(|source| NodeError::Io {
+                    what: format!("bind upstream {} on {}", up.service, up.listen),
+                    source,
+                })?;
+            let addr = l.local_addr().map_err(|source| NodeError::Io {
+                what: "upstream address".into(),
+                source,
+            })?;
+            lock(&node.inner.upstreams).push((up.service.clone(), addr));
+            listeners.push((up.service.clone(), l));
+        }
+
+        let mut tasks = Vec::new();
+        tasks.push(tokio::spawn(
+            membership_actor(node.inner.clone(), membership, membership_rx).instrument(span.clone()),
+        ));
+        tasks.push(tokio::spawn(
+            accept_loop(node.inner.clone()).instrument(span.clone()),
+        ));
+        tasks.push(tokio::spawn(
+            catalog_refresh(node.inner.clone()).instrument(span.clone()),
+        ));
+        for (service, l) in listeners {
+            tasks.push(tokio::spawn(
+                upstream_loop(node.inner.clone(), service, l).instrument(span.clone()),
+            ));
+        }
+        if !config.bootstrap.is_empty() {
+            tasks.push(tokio::spawn(
+                bootstrap(node.inner.clone(), config.bootstrap.clone(), config.max_join_backoff)
+                    .instrument(span.clone()),
+            ));
+        }
+        lock(&node.inner.tasks).extend(tasks);
+        info!(parent: &span, node_id = %node.inner.info.node_id, addr = %advertise, "peer started");
+        Ok(node)
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> NodeId {
+        self.inner.info.node_id
+    }
+
+    /// This node's name.
+    pub fn name(&self) -> &str {
+        &self.inner.info.name
+    }
+
+    /// The address peers dial.
+    pub fn addr(&self) -> SocketAddr {
+        self.inner.me.addr
+    }
+
+    /// Bound addresses of the upstream listeners, by service.
+    pub fn upstream_addrs(&self) -> Vec<(String, SocketAddr)> {
+        lock(&self.inner.upstreams).clone()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &Stats {
+        &self.inner.stats
+    }
+
+    /// The deny-set checked on every connection.
+    pub fn deny_set(&self) -> &DenySet {
+        &self.inner.deny
+    }
+
+    /// Every member with its state (this node excluded), sorted by name.
+    pub async fn peers(&self) -> Vec<PeerView> {
+        let (tx, rx) = oneshot::channel();
+        if self.inner.membership_tx.send(Cmd::Peers(tx)).await.is_err() {
+            return Vec::new();
+        }
+        let mut v: Vec<PeerView> = rx
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(p, state)| PeerView {
+                node_id: NodeIdStr(p.node_id),
+                name: p.name,
+                addr: p.addr,
+                state,
+                generation: p.generation,
+            })
+            .collect();
+        v.sort_by(|a, b| (&a.name, a.node_id.0).cmp(&(&b.name, b.node_id.0)));
+        v
+    }
+
+    /// Every service known overlay-wide (local ones included).
+    pub fn services(&self) -> Vec<ServiceEntry> {
+        read(&self.inner.catalog).entries()
+    }
+
+    /// Remote nodes currently offering `service`.
+    pub fn providers(&self, service: &str) -> Vec<NodeId> {
+        read(&self.inner.catalog).providers(service)
+    }
+
+    /// Publishes a local service and tells every live member.
+    pub fn publish(&self, name: &str, backend: SocketAddr) -> Result<(), CatalogError> {
+        write(&self.inner.catalog).publish(name, backend)?;
+        info!(service = name, "service published");
+        push_catalog_to_all(&self.inner);
+        Ok(())
+    }
+
+    /// Withdraws a local service overlay-wide; returns whether it was published.
+    pub fn unpublish(&self, name: &str) -> bool {
+        let existed = write(&self.inner.catalog).unpublish(name);
+        if existed {
+            info!(service = name, "service withdrawn");
+            push_catalog_to_all(&self.inner);
+        }
+        existed
+    }
+
+    /// Waits until the number of live members satisfies `pred`.
+    pub async fn wait_members(&self, pred: impl Fn(usize) -> bool) {
+        let mut rx = self.inner.members.subscribe();
+        let _ = rx.wait_for(|n| pred(*n)).await;
+    }
+
+    /// Waits until the catalog satisfies `pred`.
+    pub async fn wait_catalog(&self, pred: impl Fn(&[ServiceEntry]) -> bool) {
+        let mut rx = self.inner.catalog_version.subscribe();
+        loop {
+            if pred(&self.services()) {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Waits until `pred` holds for the peer list; re-checks on every membership change.
+    pub async fn wait_peers(&self, pred: impl Fn(&[PeerView]) -> bool) {
+        let mut rx = self.inner.members.subscribe();
+        let mut cat = self.inner.catalog_version.subscribe();
+        loop {
+            if pred(&self.peers().await) {
+                return;
+            }
+            tokio::select! {
+                r = rx.changed() => if r.is_err() { return },
+                r = cat.changed() => if r.is_err() { return },
+            }
+        }
+    }
+
+    /// Prometheus text of this node's counters.
+    pub fn render_metrics(&self) -> String {
+        self.inner.stats.render_prometheus()
+    }
+
+    /// Leaves the overlay and stops: others see this node leave at once.
+    pub async fn shutdown(&self) {
+        if self.inner.shutting_down.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let (tx, rx) = oneshot::channel();
+        if self.inner.membership_tx.send(Cmd::Leave(tx)).await.is_ok() {
+            let _ = rx.await;
+            // Let the leave datagrams reach the wire before the connections close.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for t in lock(&self.inner.tasks).drain(..) {
+            t.abort();
+        }
+        self.inner
+            .endpoint
+            .close(VarInt::from_u32(code::SHUTDOWN), b"shutdown");
+        let _ = timeout(Duration::from_secs(1), self.inner.endpoint.wait_idle()).await;
+        info!(node = %self.inner.info.name, "peer stopped");
+    }
+
+    /// Stops at once without telling anyone (tests and the simulator: a crash).
+    pub fn abort(&self) {
+        self.inner.shutting_down.store(true, Ordering::SeqCst);
+        for t in lock(&self.inner.tasks).drain(..) {
+            t.abort();
+        }
+    }
+
+    /// Opens a forwarding stream to `service` on the best provider and returns it, header sent.
+    pub async fn open_service_stream(
+        &self,
+        service: &str,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream), ForwardError> {
+        open_service_stream(&self.inner, service).await
+    }
+}
+
+/// Errors forwarding a local connection.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ForwardError {
+    /// No live peer offers the service.
+    #[error("no peer offers service {0:?}")]
+    NoProvider(String),
+    /// The provider could not be reached.
+    #[error("reaching {peer}: {source}")]
+    Dial {
+        /// The provider.
+        peer: NodeId,
+        /// The cause.
+        source: DialError,
+    },
+    /// The stream could not be opened or written.
+    #[error("stream to {peer}: {reason}")]
+    Stream {
+        /// The provider.
+        peer: NodeId,
+        /// What failed.
+        reason: String,
+    },
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(|e| e.into_inner())
+}
+fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(|e| e.into_inner())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connections
+
+impl Inner {
+    fn live_conn(&self, node: NodeId) -> Option<quinn::Connection> {
+        let conns = lock(&self.conns);
+        conns
+            .get(&node)
+            .filter(|(c, _)| c.close_reason().is_none())
+            .map(|(c, _)| c.clone())
+    }
+
+    /// Dials `addr`; `node` is the expected node id (None when bootstrapping).
+    async fn connect(
+        self: &Arc<Self>,
+        node: Option<NodeId>,
+        addr: SocketAddr,
+    ) -> Result<(quinn::Connection, CertInfo), DialError> {
+        let permit = self
+            .conn_slots
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| DialError::Overloaded)?;
+        let connecting = self.endpoint.connect_with(
+            self.client_config.clone(),
+            addr,
+            &tls::server_name_for(node),
+        )?;
+        let conn = connecting.await?;
+        stats::inc(&self.stats.handshakes);
+        let info = match authenticate_peer(&conn, &self.deny, now_unix()) {
+            Ok(info) => info,
+            Err(e) => {
+                stats::inc(&self.stats.connections_refused);
+                conn.close(VarInt::from_u32(code::AUTH_FAILED), b"refused");
+                return Err(e.into());
+            }
+        };
+        if let Some(expected) = node {
+            if info.node_id != expected {
+                stats::inc(&self.stats.connections_refused);
+                conn.close(VarInt::from_u32(code::AUTH_FAILED), b"wrong peer");
+                return Err(AuthError::WrongPeer {
+                    expected,
+                    actual: info.node_id,
+                }
+                .into());
+            }
+        }
+        stats::inc(&self.stats.connections_dialed);
+        self.register(conn.clone(), info.clone(), permit);
+        Ok((conn, info))
+    }
+
+    /// A live connection to member `node`, dialling it if needed (one dial at a time per node).
+    async fn conn_to(self: &Arc<Self>, node: NodeId) -> Result<quinn::Connection, DialError> {
+        if let Some(c) = self.live_conn(node) {
+            return Ok(c);
+        }
+        let addr = read(&self.alive)
+            .get(&node)
+            .map(|p| p.addr)
+            .ok_or(DialError::UnknownPeer(node))?;
+        self.conn_to_addr(node, addr).await
+    }
+
+    async fn conn_to_addr(
+        self: &Arc<Self>,
+        node: NodeId,
+        addr: SocketAddr,
+    ) -> Result<quinn::Connection, DialError> {
+        let dial_lock = lock(&self.dial_locks).entry(node).or_default().clone();
+        let _guard = dial_lock.lock().await;
+        if let Some(c) = self.live_conn(node) {
+            return Ok(c);
+        }
+        let (c, _) = self.connect(Some(node), addr).await?;
+        Ok(c)
+    }
+
+    /// Records an authenticated connection and starts serving it.
+    fn register(
+        self: &Arc<Self>,
+        conn: quinn::Connection,
+        info: CertInfo,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) {
+        {
+            let mut conns = lock(&self.conns);
+            let replace = conns
+                .get(&info.node_id)
+                .is_none_or(|(c, _)| c.close_reason().is_some());
+            if replace {
+                conns.insert(info.node_id, (conn.clone(), info.clone()));
+            }
+        }
+        stats::inc(&self.stats.connections_open);
+        let span = tracing::debug_span!("conn", peer = %info.node_id.fmt_short(), name = %info.name);
+        tokio::spawn(serve_connection(self.clone(), conn, info, permit).instrument(span));
+    }
+}
+
+async fn accept_loop(inner: Arc<Inner>) {
+    while let Some(incoming) = inner.endpoint.accept().await {
+        let Ok(permit) = inner.conn_slots.clone().try_acquire_owned() else {
+            warn!(remote = %incoming.remote_address(), "connection limit reached; refusing");
+            incoming.refuse();
+            continue;
+        };
+        let inner = inner.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            let conn = match incoming.accept() {
+                Ok(connecting) => match connecting.await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        stats::inc(&inner.stats.connections_refused);
+                        debug!(%remote, error = %e, "inbound handshake failed");
+                        return;
+                    }
+                },
+                Err(e) => {
+                    debug!(%remote, error = %e, "inbound connection failed");
+                    return;
+                }
+            };
+            stats::inc(&inner.stats.handshakes);
+            match authenticate_peer(&conn, &inner.deny, now_unix()) {
+                Ok(info) => {
+                    stats::inc(&inner.stats.connections_accepted);
+                    debug!(%remote, peer = %info.node_id.fmt_short(), "inbound connection");
+                    inner.register(conn, info, permit);
+                }
+                Err(e) => {
+                    stats::inc(&inner.stats.connections_refused);
+                    warn!(%remote, error = %e, "inbound connection refused");
+                    conn.close(VarInt::from_u32(code::AUTH_FAILED), b"refused");
+                }
+            }
+        });
+    }
+}
+
+/// Serves one authenticated connection: membership datagrams and incoming streams.
+async fn serve_connection(
+    inner: Arc<Inner>,
+    conn: quinn::Connection,
+    info: CertInfo,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let mut revalidate = tokio::time::interval(inner.transport.revalidate_interval);
+    revalidate.tick().await;
+    let reason = loop {
+        tokio::select! {
+            d = conn.read_datagram() => match d {
+                Ok(d) => handle_datagram(&inner, &info, d),
+                Err(e) => break e,
+            },
+            s = conn.accept_bi() => match s {
+                Ok((send, recv)) => {
+                    stats::inc(&inner.stats.streams_accepted);
+                    let span = tracing::debug_span!("stream", id = %send.id());
+                    tokio::spawn(handle_stream(inner.clone(), info.clone(), send, recv).instrument(span));
+                }
+                Err(e) => break e,
+            },
+            _ = revalidate.tick() => {
+                if info.not_after_unix < now_unix() || inner.deny.is_denied(&info) {
+                    warn!("peer certificate expired or revoked; closing connection");
+                    conn.close(VarInt::from_u32(code::AUTH_FAILED), b"revoked");
+                }
+            }
+        }
+    };
+    debug!(reason = %reason, "connection closed");
+    stats::dec(&inner.stats.connections_open);
+    let mut conns = lock(&inner.conns);
+    if conns
+        .get(&info.node_id)
+        .is_some_and(|(c, _)| c.stable_id() == conn.stable_id())
+    {
+        conns.remove(&info.node_id);
+    }
+}
+
+fn handle_datagram(inner: &Arc<Inner>, info: &CertInfo, d: Bytes) {
+    match d.first() {
+        Some(&wire::DATAGRAM_MEMBERSHIP) => {
+            stats::inc(&inner.stats.membership_datagrams_received);
+            let cmd = Cmd::Data {
+                from: info.node_id,
+                name: info.name.clone(),
+                data: d.slice(1..),
+            };
+            // Membership tolerates loss: drop rather than queue without bound.
+            if inner.membership_tx.try_send(cmd).is_err() {
+                debug!("membership queue full; datagram dropped");
+            }
+        }
+        other => {
+            stats::inc(&inner.stats.membership_refused);
+            debug!(kind = ?other, "unknown datagram kind ignored");
+        }
+    }
+}
+
+fn reset(send: &mut quinn::SendStream, recv: &mut quinn::RecvStream, c: u32) {
+    let _ = send.reset(VarInt::from_u32(c));
+    let _ = recv.stop(VarInt::from_u32(c));
+}
+
+async fn handle_stream(
+    inner: Arc<Inner>,
+    peer: CertInfo,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let header = match timeout(inner.transport.header_timeout, wire::io::read_header(&mut recv)).await
+    {
+        Ok(Ok(h)) => h,
+        Ok(Err(e)) => {
+            stats::inc(&inner.stats.stream_errors);
+            warn!(peer = %peer.node_id.fmt_short(), error = %e, "bad stream header; stream reset");
+            reset(&mut send, &mut recv, e.code());
+            return;
+        }
+        Err(_) => {
+            stats::inc(&inner.stats.stream_errors);
+            warn!(peer = %peer.node_id.fmt_short(), "no stream header in time; stream reset");
+            reset(&mut send, &mut recv, code::HEADER_TIMEOUT);
+            return;
+        }
+    };
+    match header.kind {
+        StreamKind::Forward { service } => {
+            serve_forward(&inner, &peer, &service, header.request_id, send, recv).await
+        }
+        StreamKind::CatalogPull => {
+            let snap = read(&inner.catalog).snapshot();
+            match wire::encode_frame(&snap) {
+                Ok(frame) => {
+                    if send.write_all(&frame).await.is_ok() {
+                        let _ = send.finish();
+                    }
+                }
+                Err(e) => warn!(error = %e, "catalog too large to send"),
+            }
+        }
+        StreamKind::CatalogPush => {
+            match timeout(inner.transport.header_timeout, wire::io::read_frame(&mut recv)).await {
+                Ok(Ok(body)) => match wire::decode_catalog(&body) {
+                    Ok(snap) => apply_catalog(&inner, peer.node_id, snap),
+                    Err(e) => {
+                        stats::inc(&inner.stats.stream_errors);
+                        warn!(peer = %peer.node_id.fmt_short(), error = %e, "bad catalog push");
+                        reset(&mut send, &mut recv, e.code());
+                    }
+                },
+                Ok(Err(e)) => {
+                    stats::inc(&inner.stats.stream_errors);
+                    warn!(peer = %peer.node_id.fmt_short(), error = %e, "bad catalog push");
+                    reset(&mut send, &mut recv, e.code());
+                }
+                Err(_) => reset(&mut send, &mut recv, code::HEADER_TIMEOUT),
+            }
+        }
+    }
+}
+
+async fn serve_forward(
+    inner: &Arc<Inner>,
+    peer: &CertInfo,
+    service: &str,
+    request_id: u64,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let backend = read(&inner.catalog).backend(service);
+    let Some(backend) = backend else {
+        stats::inc(&inner.stats.stream_errors);
+        warn!(peer = %peer.node_id.fmt_short(), service, "stream for unknown service; reset");
+        reset(&mut send, &mut recv, code::UNKNOWN_SERVICE);
+        return;
+    };
+    let tcp = match timeout(
+        inner.transport.backend_connect_timeout,
+        TcpStream::connect(backend),
+    )
+    .await
+    {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            stats::inc(&inner.stats.stream_errors);
+            warn!(service, error = %e, "backend refused; stream reset");
+            reset(&mut send, &mut recv, code::BACKEND_UNAVAILABLE);
+            return;
+        }
+        Err(_) => {
+            stats::inc(&inner.stats.stream_errors);
+            warn!(service, "backend did not accept in time; stream reset");
+            reset(&mut send, &mut recv, code::BACKEND_UNAVAILABLE);
+            return;
+        }
+    };
+    debug!(service, request_id, peer = %peer.node_id.fmt_short(), "forwarding to backend");
+    pipe(inner, tcp, send, recv, service).await;
+}
+
+/// Copies bytes both ways between a TCP connection and a QUIC stream, with half-close.
+async fn pipe(
+    inner: &Arc<Inner>,
+    mut tcp: TcpStream,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    service: &str,
+) {
+    let _ = tcp.set_nodelay(true);
+    let mut quic = tokio::io::join(recv, send);
+    match tokio::io::copy_bidirectional_with_sizes(&mut tcp, &mut quic, 64 * 1024, 64 * 1024).await
+    {
+        Ok((up, down)) => {
+            stats::add(&inner.stats.bytes_sent, up);
+            stats::add(&inner.stats.bytes_received, down);
+            debug!(service, up, down, "stream done");
+        }
+        Err(e) => {
+            stats::inc(&inner.stats.stream_errors);
+            let why = e
+                .get_ref()
+                .and_then(|r| r.downcast_ref::<quinn::ReadError>())
+                .and_then(|r| match r {
+                    quinn::ReadError::Reset(c) => Some(code::name(c.into_inner())),
+                    _ => None,
+                });
+            match why {
+                Some(name) => warn!(service, reason = name, "stream reset by peer"),
+                None => debug!(service, error = %e, "stream ended with error"),
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forwarding from local clients
+
+async fn upstream_loop(inner: Arc<Inner>, service: String, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((tcp, client)) => {
+                let inner = inner.clone();
+                let service = service.clone();
+                let span = tracing::debug_span!("upstream", %service, %client);
+                tokio::spawn(
+                    async move {
+                        if let Err(e) = forward_client(&inner, &service, tcp).await {
+                            stats::inc(&inner.stats.stream_errors);
+                            warn!(error = %e, "closing client connection");
+                        }
+                    }
+                    .instrument(span),
+                );
+            }
+            Err(e) => {
+                warn!(%service, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn forward_client(inner: &Arc<Inner>, service: &str, tcp: TcpStream) -> Result<(), ForwardError> {
+    let _ = tcp.set_nodelay(true);
+    let local_backend = read(&inner.catalog).backend(service);
+    if let Some(backend) = local_backend {
+        // Published on this very node: no need to cross the overlay.
+        let mut b = TcpStream::connect(backend)
+            .await
+            .map_err(|e| ForwardError::Stream {
+                peer: inner.info.node_id,
+                reason: format!("local backend: {e}"),
+            })?;
+        let mut tcp = tcp;
+        let _ = tokio::io::copy_bidirectional(&mut tcp, &mut b).await;
+        return Ok(());
+    }
+    let (send, recv) = open_service_stream(inner, service).await?;
+    pipe(inner, tcp, send, recv, service).await;
+    Ok(())
+}
+
+fn pick_provider(inner: &Inner, service: &str) -> Option<NodeId> {
+    let providers = read(&inner.catalog).providers(service);
+    let alive = read(&inner.alive);
+    let live: Vec<NodeId> = providers.into_iter().filter(|p| alive.contains_key(p)).collect();
+    if live.is_empty() {
+        return None;
+    }
+    let i = inner.round_robin.fetch_add(1, Ordering::Relaxed) % live.len();
+    Some(live[i])
+}
+
+async fn open_service_stream(
+    inner: &Arc<Inner>,
+    service: &str,
+) -> Result<(quinn::SendStream, quinn::RecvStream), ForwardError> {
+    let peer = pick_provider(inner, service).ok_or_else(|| ForwardError::NoProvider(service.into()))?;
+    let conn = inner
+        .conn_to(peer)
+        .await
+        .map_err(|source| ForwardError::Dial { peer, source })?;
+    let (mut send, recv) = conn.open_bi().await.map_err(|e| ForwardError::Stream {
+        peer,
+        reason: e.to_string(),
+    })?;
+    stats::inc(&inner.stats.streams_opened);
+    let header = wire::encode_header(&StreamHeader {
+        kind: StreamKind::Forward {
+            service: service.to_owned(),
+        },
+        request_id: inner.next_request_id.fetch_add(1, Ordering::Relaxed),
+    });
+    send.write_all(&header)
+        .await
+        .map_err(|e| ForwardError::Stream {
+            peer,
+            reason: e.to_string(),
+        })?;
+    Ok((send, recv))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Catalog exchange
+
+fn apply_catalog(inner: &Arc<Inner>, from: NodeId, snap: wire::CatalogSnapshot) {
+    if !read(&inner.alive).contains_key(&from) {
+        debug!(peer = %from.fmt_short(), "catalog from a non-member ignored");
+        return;
+    }
+    let changed = write(&inner.catalog).apply_remote(from, snap);
+    if changed {
+        stats::inc(&inner.stats.catalog_updates);
+        inner.catalog_version.send_modify(|v| *v += 1);
+    }
+}
+
+async fn pull_catalog(inner: &Arc<Inner>, node: NodeId) -> Result<(), String> {
+    let conn = inner.conn_to(node).await.map_err(|e| e.to_string())?;
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    let header = wire::encode_header(&StreamHeader {
+        kind: StreamKind::CatalogPull,
+        request_id: inner.next_request_id.fetch_add(1, Ordering::Relaxed),
+    });
+    send.write_all(&header).await.map_err(|e| e.to_string())?;
+    let _ = send.finish();
+    let body = timeout(inner.transport.header_timeout, wire::io::read_frame(&mut recv))
+        .await
+        .map_err(|_| "timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    let snap = wire::decode_catalog(&body).map_err(|e| e.to_string())?;
+    apply_catalog(inner, node, snap);
+    Ok(())
+}
+
+async fn pull_catalog_with_retries(inner: Arc<Inner>, node: NodeId) {
+    let mut delay = Duration::from_millis(200);
+    for attempt in 0..4 {
+        match pull_catalog(&inner, node).await {
+            Ok(()) => return,
+            Err(e) => {
+                debug!(peer = %node.fmt_short(), attempt, error = %e, "catalog pull failed");
+                if !read(&inner.alive).contains_key(&node) {
+                    return;
+                }
+                tokio::time::sleep(delay).await;
+                delay *= 4;
+            }
+        }
+    }
+}
+
+async fn push_catalog(inner: &Arc<Inner>, node: NodeId, frame: Arc<Vec<u8>>) -> Result<(), String> {
+    let conn = inner.conn_to(node).await.map_err(|e| e.to_string())?;
+    let (mut send, _recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    let header = wire::encode_header(&StreamHeader {
+        kind: StreamKind::CatalogPush,
+        request_id: inner.next_request_id.fetch_add(1, Ordering::Relaxed),
+    });
+    send.write_all(&header).await.map_err(|e| e.to_string())?;
+    send.write_all(&frame).await.map_err(|e| e.to_string())?;
+    let _ = send.finish();
+    let _ = send.stopped().await;
+    Ok(())
+}
+
+fn push_catalog_to_all(inner: &Arc<Inner>) {
+    inner.catalog_version.send_modify(|v| *v += 1);
+    let snap = read(&inner.catalog).snapshot();
+    let frame = match wire::encode_frame(&snap) {
+        Ok(f) => Arc::new(f),
+        Err(e) => {
+            warn!(error = %e, "catalog too large to announce");
+            return;
+        }
+    };
+    let members: Vec<NodeId> = read(&inner.alive).keys().copied().collect();
+    for node in members {
+        let inner = inner.clone();
+        let frame = frame.clone();
+        tokio::spawn(async move {
+            if let Err(e) = push_catalog(&inner, node, frame).await {
+                // The periodic refresh and pull-on-up repair a lost push.
+                debug!(peer = %node.fmt_short(), error = %e, "catalog push failed");
+            }
+        });
+    }
+}
+
+/// Pulls one random member's catalog now and then, repairing lost pushes.
+async fn catalog_refresh(inner: Arc<Inner>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(15));
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let members: Vec<NodeId> = read(&inner.alive).keys().copied().collect();
+        if members.is_empty() {
+            continue;
+        }
+        let mut sorted = members;
+        sorted.sort();
+        let i = lock(&inner.rng).random_range(0..sorted.len());
+        let node = sorted[i];
+        if let Err(e) = pull_catalog(&inner, node).await {
+            debug!(peer = %node.fmt_short(), error = %e, "catalog refresh failed");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Membership
+
+struct TimerEntry {
+    at: Instant,
+    seq: u64,
+    timer: Timer,
+}
+impl PartialEq for TimerEntry {
+    fn eq(&self, o: &Self) -> bool {
+        (self.at, self.seq) == (o.at, o.seq)
+    }
+}
+impl Eq for TimerEntry {}
+impl PartialOrd for TimerEntry {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for TimerEntry {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        // Reversed: BinaryHeap is a max-heap, we want the earliest first.
+        (o.at, o.seq).cmp(&(self.at, self.seq))
+    }
+}
+
+async fn membership_actor(inner: Arc<Inner>, mut m: Membership, mut rx: mpsc::Receiver<Cmd>) {
+    let mut timers: BinaryHeap<TimerEntry> = BinaryHeap::new();
+    let mut seq = 0u64;
+    drain_membership(&inner, &mut m, &mut timers, &mut seq);
+    loop {
+        let next = timers.peek().map(|t| t.at);
+        tokio::select! {
+            cmd = rx.recv() => {
+                let Some(cmd) = cmd else { break };
+                match cmd {
+                    Cmd::Data { from, name, data } => {
+                        if let Err(e) = m.handle_data(from, &name, &data) {
+                            stats::inc(&inner.stats.membership_refused);
+                            match e {
+                                crate::membership::MembershipError::Foca(_) => {
+                                    debug!(peer = %from.fmt_short(), error = %e, "membership packet ignored")
+                                }
+                                _ => warn!(peer = %from.fmt_short(), error = %e, "membership packet refused"),
+                            }
+                        }
+                    }
+                    Cmd::Announce(to) => m.announce(to),
+                    Cmd::Leave(done) => {
+                        m.leave();
+                        drain_membership(&inner, &mut m, &mut timers, &mut seq);
+                        let _ = done.send(());
+                        continue;
+                    }
+                    Cmd::Peers(reply) => {
+                        let _ = reply.send(m.members());
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(next.unwrap_or_else(Instant::now)), if next.is_some() => {
+                let now = Instant::now();
+                while timers.peek().is_some_and(|t| t.at <= now) {
+                    if let Some(t) = timers.pop() {
+                        m.handle_timer(t.timer);
+                    }
+                }
+            }
+        }
+        drain_membership(&inner, &mut m, &mut timers, &mut seq);
+    }
+}
+
+fn drain_membership(
+    inner: &Arc<Inner>,
+    m: &mut Membership,
+    timers: &mut BinaryHeap<TimerEntry>,
+    seq: &mut u64,
+) {
+    while let Some((to, data)) = m.poll_transmit() {
+        send_membership(inner, to, data);
+    }
+    let now = Instant::now();
+    while let Some((after, timer)) = m.poll_timer() {
+        *seq += 1;
+        timers.push(TimerEntry {
+            at: now + after,
+            seq: *seq,
+            timer,
+        });
+    }
+    let mut changed = false;
+    while let Some(ev) = m.poll_event() {
+        match ev {
+            MembershipEvent::Up(p) => {
+                info!(peer = %p.node_id.fmt_short(), name = %p.name, addr = %p.addr, "member up");
+                stats::inc(&inner.stats.members_up);
+                write(&inner.alive).insert(p.node_id, p.clone());
+                changed = true;
+                tokio::spawn(pull_catalog_with_retries(inner.clone(), p.node_id));
+            }
+            MembershipEvent::Down(p) => {
+                info!(peer = %p.node_id.fmt_short(), name = %p.name, "member down");
+                stats::inc(&inner.stats.members_down);
+                let was = write(&inner.alive).remove(&p.node_id);
+                if was.is_some() {
+                    changed = true;
+                }
+                lock(&inner.dial_locks).remove(&p.node_id);
+                if write(&inner.catalog).remove_peer(p.node_id) {
+                    inner.catalog_version.send_modify(|v| *v += 1);
+                }
+            }
+            MembershipEvent::Active => debug!("joined a cluster"),
+            MembershipEvent::Idle => debug!("no live members"),
+        }
+    }
+    if changed {
+        let n = read(&inner.alive).len();
+        inner.members.send_replace(n);
+    }
+}
+
+fn send_membership(inner: &Arc<Inner>, to: PeerIdentity, data: Bytes) {
+    let mut buf = BytesMut::with_capacity(data.len() + 1);
+    buf.put_u8(wire::DATAGRAM_MEMBERSHIP);
+    buf.put_slice(&data);
+    let datagram = buf.freeze();
+    if let Some(conn) = inner.live_conn(to.node_id) {
+        match conn.send_datagram(datagram) {
+            Ok(()) => stats::inc(&inner.stats.membership_datagrams_sent),
+            Err(e) => debug!(peer = %to.node_id.fmt_short(), error = %e, "membership datagram not sent"),
+        }
+        return;
+    }
+    if inner.shutting_down.load(Ordering::Relaxed) || to.node_id == inner.info.node_id {
+        return;
+    }
+    let inner = inner.clone();
+    tokio::spawn(async move {
+        match inner.conn_to_addr(to.node_id, to.addr).await {
+            Ok(conn) => {
+                if conn.send_datagram(datagram).is_ok() {
+                    stats::inc(&inner.stats.membership_datagrams_sent);
+                }
+            }
+            Err(e) => debug!(peer = %to.node_id.fmt_short(), error = %e, "membership dial failed"),
+        }
+    });
+}
+
+/// Joins through the bootstrap addresses, retrying with exponential backoff and jitter until
+/// at least one member is known.
+async fn bootstrap(inner: Arc<Inner>, addrs: Vec<SocketAddr>, max_backoff: Duration) {
+    let mut members = inner.members.subscribe();
+    let mut backoff = Duration::from_millis(200);
+    let mut attempt = 0u32;
+    loop {
+        if *members.borrow() > 0 {
+            info!(attempt, "joined the overlay");
+            return;
+        }
+        for addr in &addrs {
+            if *addr == inner.me.addr {
+                continue;
+            }
+            match timeout(backoff.max(Duration::from_secs(2)), inner.connect(None, *addr)).await {
+                Ok(Ok((_, info))) if info.node_id != inner.info.node_id => {
+                    let target = PeerIdentity {
+                        node_id: info.node_id,
+                        addr: *addr,
+                        generation: 0,
+                        name: info.name,
+                    };
+                    let _ = inner.membership_tx.send(Cmd::Announce(target)).await;
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => debug!(%addr, error = %e, attempt, "bootstrap dial failed"),
+                Err(_) => debug!(%addr, attempt, "bootstrap dial timed out"),
+            }
+        }
+        let jitter = lock(&inner.rng).random_range(0..=backoff.as_millis() as u64 / 2);
+        let wait = backoff + Duration::from_millis(jitter);
+        let _ = timeout(wait, members.wait_for(|n| *n > 0)).await;
+        backoff = (backoff * 2).min(max_backoff);
+        attempt += 1;
+        if attempt % 5 == 0 {
+            warn!(attempt, "still trying to join the overlay");
+        }
+    }
+}

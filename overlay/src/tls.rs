@@ -1,0 +1,276 @@
+//! TLS for the overlay: TLS 1.3 only, mutual authentication against the overlay CA, ALPN `meshd/1`.
+//!
+//! Both sides verify the peer's chain to the overlay CA (validity, key usage) with webpki, and both
+//! sides then read the peer's node id from its certificate *after every handshake* with
+//! [`authenticate_peer`] — also on resumed connections, where rustls does not call the verifier.
+//!
+//! One rustls client config is built per local identity and kept: rustls resumes sessions only
+//! with the same config (see ../shared/FACTS.md).
+
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::{Arc, RwLock};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::{Resumption, WebPkiServerVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::{ServerSessionMemoryCache, WebPkiClientVerifier};
+use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
+
+use crate::identity::{parse_node_cert, CertInfo, NodeId, NodeIdentity};
+
+/// ALPN protocol id of meshd version 1.
+pub const ALPN: &[u8] = b"meshd/1";
+/// Server name used when dialing an address whose node id is not known yet (bootstrap).
+/// Any node certificate from the overlay CA is accepted; the id is learned from the certificate.
+pub const ANY_NODE_SERVER_NAME: &str = "any.node.meshd";
+
+/// Errors building TLS configuration.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsError {
+    /// rustls refused the configuration (bad key, no CA, ...).
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// The CA certificate could not be used as a trust anchor.
+    #[error("CA certificate not usable as trust anchor: {0}")]
+    BadCa(String),
+    /// quinn refused the rustls configuration.
+    #[error("QUIC TLS configuration: {0}")]
+    Quic(String),
+}
+
+/// Why a connected peer was refused after the handshake.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AuthError {
+    /// The peer presented no certificate.
+    #[error("peer presented no certificate")]
+    NoCertificate,
+    /// The certificate's node id does not match its key, or it is malformed.
+    #[error("peer certificate invalid: {0}")]
+    BadCertificate(String),
+    /// The node id is on the deny-set (revoked).
+    #[error("peer {0} is denied")]
+    Denied(NodeId),
+    /// The certificate expired (checked here too because resumption skips the verifier).
+    #[error("peer certificate expired")]
+    Expired,
+    /// The peer is not the node that was dialled.
+    #[error("peer is {actual}, expected {expected}")]
+    WrongPeer {
+        /// The node dialled.
+        expected: NodeId,
+        /// The node that answered.
+        actual: NodeId,
+    },
+}
+
+/// Node ids (and, later, certificate serials) refused on every connection.
+#[derive(Clone, Default)]
+pub struct DenySet {
+    inner: Arc<RwLock<DenyInner>>,
+}
+
+#[derive(Default)]
+struct DenyInner {
+    nodes: HashSet<NodeId>,
+    serials: HashSet<String>,
+}
+
+impl fmt::Debug for DenySet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DenySet").finish_non_exhaustive()
+    }
+}
+
+impl DenySet {
+    /// Denies a node id.
+    pub fn deny_node(&self, id: NodeId) {
+        self.write().nodes.insert(id);
+    }
+
+    /// Denies a certificate serial (lowercase hex).
+    pub fn deny_serial(&self, serial: &str) {
+        self.write().serials.insert(serial.to_ascii_lowercase());
+    }
+
+    /// Whether this certificate is denied.
+    pub fn is_denied(&self, info: &CertInfo) -> bool {
+        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        inner.nodes.contains(&info.node_id) || inner.serials.contains(&info.serial)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, DenyInner> {
+        self.inner.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Reads and checks the peer's identity on an established (or resumed) connection.
+///
+/// `now_unix` is the wall-clock time in seconds, passed in by the driver.
+pub fn authenticate_peer(
+    conn: &quinn::Connection,
+    deny: &DenySet,
+    now_unix: i64,
+) -> Result<CertInfo, AuthError> {
+    let identity = conn.peer_identity().ok_or(AuthError::NoCertificate)?;
+    let chain = identity
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .map_err(|_| AuthError::NoCertificate)?;
+    let leaf = chain.first().ok_or(AuthError::NoCertificate)?;
+    let info = parse_node_cert(leaf).map_err(|e| AuthError::BadCertificate(e.to_string()))?;
+    if info.not_after_unix < now_unix {
+        return Err(AuthError::Expired);
+    }
+    if deny.is_denied(&info) {
+        return Err(AuthError::Denied(info.node_id));
+    }
+    Ok(info)
+}
+
+/// Settings for TLS caches.
+#[derive(Clone, Copy, Debug)]
+pub struct TlsSettings {
+    /// Client session cache entries (rustls keeps ~8 per server): size for the overlay.
+    pub client_sessions: usize,
+    /// Server session cache entries (one per outstanding ticket).
+    pub server_sessions: usize,
+}
+
+impl Default for TlsSettings {
+    fn default() -> Self {
+        Self {
+            client_sessions: 8 * 1024,
+            server_sessions: 16 * 1024,
+        }
+    }
+}
+
+/// The crypto provider: ring, offering only TLS13_AES_128_GCM_SHA256 (cheapest handshake here).
+pub fn provider() -> Arc<CryptoProvider> {
+    let mut p = rustls::crypto::ring::default_provider();
+    p.cipher_suites
+        .retain(|s| s.suite() == rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    Arc::new(p)
+}
+
+fn roots(identity: &NodeIdentity) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for ca in &identity.ca {
+        roots
+            .add(ca.clone())
+            .map_err(|e| TlsError::BadCa(e.to_string()))?;
+    }
+    Ok(roots)
+}
+
+/// Builds the rustls server config for a local identity.
+pub fn server_config(
+    identity: &NodeIdentity,
+    settings: TlsSettings,
+) -> Result<rustls::ServerConfig, TlsError> {
+    let provider = provider();
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots(identity)?), provider.clone())
+            .build()
+            .map_err(|e| TlsError::BadCa(e.to_string()))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(identity.chain.clone(), identity.key.clone_key())?;
+    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    cfg.session_storage = ServerSessionMemoryCache::new(settings.server_sessions);
+    // QUIC allows 0 or u32::MAX; 0-RTT acceptance is decided per connection by the driver.
+    cfg.max_early_data_size = u32::MAX;
+    Ok(cfg)
+}
+
+/// Builds the rustls client config for a local identity. Build it once and keep it.
+pub fn client_config(
+    identity: &NodeIdentity,
+    settings: TlsSettings,
+) -> Result<rustls::ClientConfig, TlsError> {
+    let provider = provider();
+    let inner = WebPkiServerVerifier::builder_with_provider(
+        Arc::new(roots(identity)?),
+        provider.clone(),
+    )
+    .build()
+    .map_err(|e| TlsError::BadCa(e.to_string()))?;
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(NodeServerVerifier { inner }))
+        .with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())?;
+    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    cfg.resumption = Resumption::in_memory_sessions(settings.client_sessions);
+    cfg.enable_early_data = true;
+    Ok(cfg)
+}
+
+/// The server name to dial a node with.
+pub fn server_name_for(node: Option<NodeId>) -> String {
+    match node {
+        Some(id) => id.san(),
+        None => ANY_NODE_SERVER_NAME.to_owned(),
+    }
+}
+
+/// Verifies a server's certificate chain to the overlay CA with webpki, against the node id
+/// the certificate itself claims (after checking that id against its key), and then that this
+/// id is the one dialled (or any node, for [`ANY_NODE_SERVER_NAME`]).
+#[derive(Debug)]
+struct NodeServerVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+}
+
+impl ServerCertVerifier for NodeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let info = parse_node_cert(end_entity).map_err(|_| {
+            rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure)
+        })?;
+        let actual = ServerName::try_from(info.node_id.san())
+            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+        self.inner
+            .verify_server_cert(end_entity, intermediates, &actual, ocsp_response, now)?;
+        match server_name {
+            ServerName::DnsName(n) if n.as_ref() == ANY_NODE_SERVER_NAME => Ok(()),
+            ServerName::DnsName(n) if n.as_ref() == info.node_id.san() => Ok(()),
+            _ => Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName,
+            )),
+        }?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}

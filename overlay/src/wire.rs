@@ -1,0 +1,353 @@
+//! The meshd wire format, version 1: stream headers, frames and datagrams.
+//!
+//! Pure encode/decode; sizes are checked before anything is allocated. The async helpers in
+//! [`io`] only move bytes between a stream and these functions. docs/PROTOCOL.md is the
+//! reference for an independent implementation and must change with this file.
+//!
+//! ```text
+//! stream header: version:u8 (=1) | len:u16 BE (<= 1024) | postcard(StreamHeader)
+//! frame:         len:u32 BE (<= 65536) | postcard(message)
+//! datagram:      kind:u8 | payload          (kind 1 = SWIM membership, foca postcard codec)
+//! ```
+
+use serde::{Deserialize, Serialize};
+
+use crate::identity::valid_name;
+
+/// Version byte that starts every stream header.
+pub const VERSION: u8 = 1;
+/// Largest encoded stream header body.
+pub const MAX_HEADER_LEN: usize = 1024;
+/// Largest frame body.
+pub const MAX_FRAME_LEN: usize = 64 * 1024;
+/// Most services one peer may publish.
+pub const MAX_SERVICES_PER_PEER: usize = 1024;
+/// Datagram kind: SWIM membership packet.
+pub const DATAGRAM_MEMBERSHIP: u8 = 1;
+
+/// QUIC application error codes (stream resets and connection closes).
+pub mod code {
+    /// Normal shutdown.
+    pub const OK: u32 = 0x0;
+    /// Peer identity refused (revoked, expired, wrong node).
+    pub const AUTH_FAILED: u32 = 0x1;
+    /// Peer broke the protocol.
+    pub const PROTOCOL: u32 = 0x2;
+    /// Node shutting down.
+    pub const SHUTDOWN: u32 = 0x3;
+    /// Stream: the service is not published on this peer.
+    pub const UNKNOWN_SERVICE: u32 = 0x10;
+    /// Stream: the backend refused or did not answer.
+    pub const BACKEND_UNAVAILABLE: u32 = 0x11;
+    /// Stream: the header could not be decoded.
+    pub const MALFORMED_HEADER: u32 = 0x12;
+    /// Stream: unsupported header version.
+    pub const UNSUPPORTED_VERSION: u32 = 0x13;
+    /// Stream: header or frame longer than allowed.
+    pub const TOO_LARGE: u32 = 0x14;
+    /// Stream: header not received in time.
+    pub const HEADER_TIMEOUT: u32 = 0x15;
+    /// Stream: refused for lack of capacity.
+    pub const OVERLOADED: u32 = 0x16;
+
+    /// Human-readable name of a code, for logs.
+    pub fn name(code: u64) -> &'static str {
+        match code {
+            0x0 => "ok",
+            0x1 => "authentication failed",
+            0x2 => "protocol violation",
+            0x3 => "shutdown",
+            0x10 => "unknown service",
+            0x11 => "backend unavailable",
+            0x12 => "malformed header",
+            0x13 => "unsupported version",
+            0x14 => "too large",
+            0x15 => "header timeout",
+            0x16 => "overloaded",
+            _ => "unknown code",
+        }
+    }
+}
+
+/// Decoding failures; each maps to a stream error code.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum WireError {
+    /// Version byte is not one we speak.
+    #[error("unsupported version {0}")]
+    UnsupportedVersion(u8),
+    /// Declared length over the limit.
+    #[error("length {len} over limit {max}")]
+    TooLarge {
+        /// Declared length.
+        len: usize,
+        /// Limit.
+        max: usize,
+    },
+    /// Body did not decode, or decoded to invalid values.
+    #[error("malformed: {0}")]
+    Malformed(String),
+}
+
+impl WireError {
+    /// The stream error code to answer with.
+    pub fn code(&self) -> u32 {
+        match self {
+            WireError::UnsupportedVersion(_) => code::UNSUPPORTED_VERSION,
+            WireError::TooLarge { .. } => code::TOO_LARGE,
+            WireError::Malformed(_) => code::MALFORMED_HEADER,
+        }
+    }
+}
+
+/// What a stream is for. New variants are added at the end only.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StreamKind {
+    /// Carry a TCP connection to the named service's backend; raw bytes follow both ways.
+    Forward {
+        /// Service name.
+        service: String,
+    },
+    /// Ask for the peer's catalog; the peer answers with one [`CatalogSnapshot`] frame.
+    CatalogPull,
+    /// Push our catalog; one [`CatalogSnapshot`] frame follows.
+    CatalogPush,
+}
+
+/// The header that opens every bidirectional stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamHeader {
+    /// What the stream carries.
+    pub kind: StreamKind,
+    /// Caller-chosen id, unique per connection direction; used for de-duplication and logs.
+    pub request_id: u64,
+}
+
+/// Version of a peer's catalog: ordered by (generation, seq).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, Default)]
+pub struct CatalogVersion {
+    /// The peer's generation (changes on restart).
+    pub generation: u64,
+    /// Increments on every change within a generation.
+    pub seq: u64,
+}
+
+/// The full list of services a peer publishes. The origin is the authenticated sender.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CatalogSnapshot {
+    /// Version; older snapshots than the one held are ignored.
+    pub version: CatalogVersion,
+    /// Service names, sorted, unique.
+    pub services: Vec<String>,
+}
+
+impl CatalogSnapshot {
+    fn validate(&self) -> Result<(), WireError> {
+        if self.services.len() > MAX_SERVICES_PER_PEER {
+            return Err(WireError::Malformed("too many services".into()));
+        }
+        if let Some(bad) = self.services.iter().find(|s| !valid_name(s)) {
+            return Err(WireError::Malformed(format!(
+                "invalid service name {:?}",
+                bad.chars().take(80).collect::<String>()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Encodes a stream header.
+pub fn encode_header(h: &StreamHeader) -> Vec<u8> {
+    let body = postcard::to_allocvec(h).unwrap_or_default();
+    debug_assert!(body.len() <= MAX_HEADER_LEN);
+    let mut out = Vec::with_capacity(3 + body.len());
+    out.push(VERSION);
+    out.extend_from_slice(&(body.len() as u16).to_be_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Checks the 3-byte header prefix; returns the body length to read.
+pub fn decode_header_prefix(prefix: [u8; 3]) -> Result<usize, WireError> {
+    if prefix[0] != VERSION {
+        return Err(WireError::UnsupportedVersion(prefix[0]));
+    }
+    let len = usize::from(u16::from_be_bytes([prefix[1], prefix[2]]));
+    if len > MAX_HEADER_LEN {
+        return Err(WireError::TooLarge {
+            len,
+            max: MAX_HEADER_LEN,
+        });
+    }
+    Ok(len)
+}
+
+/// Decodes a header body (after the prefix).
+pub fn decode_header_body(body: &[u8]) -> Result<StreamHeader, WireError> {
+    let (h, rest): (StreamHeader, _) =
+        postcard::take_from_bytes(body).map_err(|e| WireError::Malformed(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(WireError::Malformed("trailing bytes".into()));
+    }
+    if let StreamKind::Forward { service } = &h.kind {
+        if !valid_name(service) {
+            return Err(WireError::Malformed("invalid service name".into()));
+        }
+    }
+    Ok(h)
+}
+
+/// Encodes a frame around a message.
+pub fn encode_frame<T: Serialize>(msg: &T) -> Result<Vec<u8>, WireError> {
+    let body = postcard::to_allocvec(msg).map_err(|e| WireError::Malformed(e.to_string()))?;
+    if body.len() > MAX_FRAME_LEN {
+        return Err(WireError::TooLarge {
+            len: body.len(),
+            max: MAX_FRAME_LEN,
+        });
+    }
+    let mut out = Vec::with_capacity(4 + body.len());
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// Checks a frame length prefix.
+pub fn decode_frame_len(prefix: [u8; 4]) -> Result<usize, WireError> {
+    let len = u32::from_be_bytes(prefix) as usize;
+    if len > MAX_FRAME_LEN {
+        return Err(WireError::TooLarge {
+            len,
+            max: MAX_FRAME_LEN,
+        });
+    }
+    Ok(len)
+}
+
+/// Decodes a catalog snapshot frame body.
+pub fn decode_catalog(body: &[u8]) -> Result<CatalogSnapshot, WireError> {
+    let (snap, rest): (CatalogSnapshot, _) =
+        postcard::take_from_bytes(body).map_err(|e| WireError::Malformed(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(WireError::Malformed("trailing bytes".into()));
+    }
+    snap.validate()?;
+    Ok(snap)
+}
+
+/// Async helpers: read and write headers and frames on QUIC streams.
+pub mod io {
+    use super::*;
+
+    /// Reading a header or frame from a stream failed.
+    #[derive(Debug, thiserror::Error)]
+    #[non_exhaustive]
+    pub enum ReadError {
+        /// The bytes were invalid.
+        #[error(transparent)]
+        Wire(#[from] WireError),
+        /// The stream ended or failed first.
+        #[error("stream: {0}")]
+        Stream(#[from] quinn::ReadExactError),
+    }
+
+    impl ReadError {
+        /// The code to reset the stream with, if the peer misbehaved.
+        pub fn code(&self) -> u32 {
+            match self {
+                ReadError::Wire(w) => w.code(),
+                ReadError::Stream(_) => code::MALFORMED_HEADER,
+            }
+        }
+    }
+
+    /// Reads a stream header.
+    pub async fn read_header(recv: &mut quinn::RecvStream) -> Result<StreamHeader, ReadError> {
+        let mut prefix = [0u8; 3];
+        recv.read_exact(&mut prefix).await?;
+        let len = decode_header_prefix(prefix)?;
+        let mut body = vec![0u8; len];
+        recv.read_exact(&mut body).await?;
+        Ok(decode_header_body(&body)?)
+    }
+
+    /// Reads one frame body.
+    pub async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Vec<u8>, ReadError> {
+        let mut prefix = [0u8; 4];
+        recv.read_exact(&mut prefix).await?;
+        let len = decode_frame_len(prefix)?;
+        let mut body = vec![0u8; len];
+        recv.read_exact(&mut body).await?;
+        Ok(body)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[test]
+    fn header_round_trip() {
+        let h = StreamHeader {
+            kind: StreamKind::Forward {
+                service: "echo".into(),
+            },
+            request_id: 7,
+        };
+        let bytes = encode_header(&h);
+        let len = decode_header_prefix([bytes[0], bytes[1], bytes[2]]).unwrap();
+        assert_eq!(len, bytes.len() - 3);
+        assert_eq!(decode_header_body(&bytes[3..]).unwrap(), h);
+    }
+
+    #[test]
+    fn refuses_bad_version_and_oversize_before_reading_body() {
+        assert_eq!(
+            decode_header_prefix([2, 0, 1]),
+            Err(WireError::UnsupportedVersion(2))
+        );
+        assert!(matches!(
+            decode_header_prefix([1, 0xff, 0xff]),
+            Err(WireError::TooLarge { len: 65535, .. })
+        ));
+        assert!(matches!(
+            decode_frame_len([0xff, 0xff, 0xff, 0xff]),
+            Err(WireError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn refuses_invalid_service_names() {
+        let h = StreamHeader {
+            kind: StreamKind::Forward {
+                service: "../etc".into(),
+            },
+            request_id: 1,
+        };
+        let bytes = encode_header(&h);
+        assert!(decode_header_body(&bytes[3..]).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let _ = decode_header_body(&bytes);
+            let _ = decode_catalog(&bytes);
+            if bytes.len() >= 3 {
+                let _ = decode_header_prefix([bytes[0], bytes[1], bytes[2]]);
+            }
+        }
+
+        #[test]
+        fn catalog_round_trip(names in proptest::collection::vec("[a-z][a-z0-9-]{0,20}", 0..50),
+                              generation in any::<u64>(), seq in any::<u64>()) {
+            let snap = CatalogSnapshot { version: CatalogVersion { generation, seq }, services: names };
+            let frame = encode_frame(&snap).unwrap();
+            let len = decode_frame_len([frame[0], frame[1], frame[2], frame[3]]).unwrap();
+            prop_assert_eq!(len, frame.len() - 4);
+            prop_assert_eq!(decode_catalog(&frame[4..]).unwrap(), snap);
+        }
+    }
+}
