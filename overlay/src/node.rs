@@ -1005,6 +1005,20 @@ async fn pull_catalog_with_retries(inner: Arc<Inner>, node: NodeId) {
     }
 }
 
+async fn sync_catalog_with(inner: Arc<Inner>, node: NodeId) {
+    pull_catalog_with_retries(inner.clone(), node).await;
+    let frame = match wire::encode_frame(&read(&inner.catalog).snapshot()) {
+        Ok(f) => Arc::new(f),
+        Err(e) => {
+            warn!(error = %e, "catalog too large to announce");
+            return;
+        }
+    };
+    if let Err(e) = push_catalog(&inner, node, frame).await {
+        debug!(peer = %node.fmt_short(), error = %e, "catalog push failed");
+    }
+}
+
 async fn push_catalog(inner: &Arc<Inner>, node: NodeId, frame: Arc<Vec<u8>>) -> Result<(), String> {
     let conn = inner.conn_to(node).await.map_err(|e| e.to_string())?;
     let (mut send, _recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
@@ -1160,7 +1174,10 @@ fn drain_membership(
                 stats::inc(&inner.stats.members_up);
                 write(&inner.alive).insert(p.node_id, p.clone());
                 changed = true;
-                tokio::spawn(pull_catalog_with_retries(inner.clone(), p.node_id));
+                // Pull theirs and push ours: whichever side saw the other first, both end
+                // up with the latest snapshot (a push that raced ahead of our own "up" was
+                // ignored, and their pull may predate our last change).
+                tokio::spawn(sync_catalog_with(inner.clone(), p.node_id));
             }
             MembershipEvent::Down(p) => {
                 info!(peer = %p.node_id.fmt_short(), name = %p.name, "member down");
