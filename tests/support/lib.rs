@@ -122,3 +122,27 @@ pub fn init_tracing() {
         .with_test_writer()
         .try_init();
 }
+
+/// A bare quinn client endpoint presenting `identity` (its own CA list decides whom it trusts).
+pub fn raw_client(identity: &NodeIdentity) -> (quinn::Endpoint, quinn::ClientConfig) {
+    let tls = overlay::tls::client_config(identity, Default::default()).unwrap();
+    raw_client_with(tls)
+}
+
+/// A bare quinn client endpoint with a given rustls config.
+pub fn raw_client_with(tls: rustls::ClientConfig) -> (quinn::Endpoint, quinn::ClientConfig) {
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let cfg = quinn::ClientConfig::new(std::sync::Arc::new(quic));
+    let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    (ep, cfg)
+}
+
+/// Waits until `cond` holds, re-checking every few milliseconds; panics after `limit`.
+/// For conditions with no event to wait on (counters on another peer).
+pub async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
