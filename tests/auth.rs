@@ -48,7 +48,9 @@ async fn assert_refused(target: &Node, who: NodeIdentity, case: &str) {
     let bad_id = who.info.node_id;
     let (ep, cfg) = raw_client(&who);
     let outcome = async {
-        let conn = ep.connect_with(cfg, target.addr(), &overlay::tls::server_name_for(None))?.await?;
+        let conn = ep
+            .connect_with(cfg, target.addr(), &overlay::tls::server_name_for(None))?
+            .await?;
         // The client may believe it is connected before the server checked its certificate:
         // the refusal shows on the first stream operation.
         let (mut send, mut recv) = conn.open_bi().await?;
@@ -59,7 +61,10 @@ async fn assert_refused(target: &Node, who: NodeIdentity, case: &str) {
     };
     let r = timeout(LIMIT, outcome).await.expect("refusal is prompt");
     assert!(r.is_err(), "{case}: connection must fail");
-    wait_until(case, LIMIT, || target.stats().snapshot().connections_refused > before).await;
+    wait_until(case, LIMIT, || {
+        target.stats().snapshot().connections_refused > before
+    })
+    .await;
     assert!(
         !target.peers().await.iter().any(|p| p.node_id.0 == bad_id),
         "{case}: never listed"
@@ -113,7 +118,10 @@ async fn bad_certificates_are_refused_and_never_listed() {
     .await
     .unwrap();
     assert!(r.is_err(), "no client certificate: refused");
-    wait_until("no-cert refusal", LIMIT, || a.stats().snapshot().connections_refused > before).await;
+    wait_until("no-cert refusal", LIMIT, || {
+        a.stats().snapshot().connections_refused > before
+    })
+    .await;
     assert!(a.peers().await.is_empty());
     a.shutdown().await;
 }
@@ -138,13 +146,18 @@ async fn a_server_with_a_bad_certificate_is_refused_by_the_dialler() {
     })
     .await
     .unwrap();
-    assert!(r.is_err(), "expired server certificate refused by the client");
+    assert!(
+        r.is_err(),
+        "expired server certificate refused by the client"
+    );
     // Dialling a node under the wrong expected id is refused too.
     let other = spawn(&ca, "other", &[], vec![], vec![]).await;
     let (ep, cfg) = raw_client(&good);
     let wrong = identity(&ca, "someone").node_id();
     let r = timeout(LIMIT, async {
-        ep.connect_with(cfg, other.addr(), &wrong.san()).unwrap().await
+        ep.connect_with(cfg, other.addr(), &wrong.san())
+            .unwrap()
+            .await
     })
     .await
     .unwrap();
@@ -189,7 +202,9 @@ async fn membership_identity_must_match_the_certificate() {
     .await;
     let peers = a.peers().await;
     assert!(
-        !peers.iter().any(|p| p.node_id.0 == claimed || p.node_id.0 == liar.node_id()),
+        !peers
+            .iter()
+            .any(|p| p.node_id.0 == claimed || p.node_id.0 == liar.node_id()),
         "neither the claimed nor the real identity is listed: {peers:?}"
     );
     a.shutdown().await;

@@ -39,18 +39,26 @@ async fn three_peers_forward_one_mib_and_100_concurrent_connections() {
         a.wait_members(|n| n == 2).await;
         b.wait_members(|n| n == 2).await;
         c.wait_members(|n| n == 2).await;
-        a.wait_catalog(|s| s.iter().any(|e| e.name == "echo" && e.node_id.0 == c.node_id()))
-            .await;
+        a.wait_catalog(|s| {
+            s.iter()
+                .any(|e| e.name == "echo" && e.node_id.0 == c.node_id())
+        })
+        .await;
     })
     .await
     .expect("overlay converges");
     let peers = a.peers().await;
     assert_eq!(peers.len(), 2);
-    assert!(peers.iter().all(|p| p.state == overlay::membership::PeerState::Alive));
+    assert!(peers
+        .iter()
+        .all(|p| p.state == overlay::membership::PeerState::Alive));
 
     let port = a.upstream_addrs()[0].1;
     let data = pattern(1 << 20, 1);
-    let back = timeout(BOUND, echo_through(port, &data)).await.unwrap().unwrap();
+    let back = timeout(BOUND, echo_through(port, &data))
+        .await
+        .unwrap()
+        .unwrap();
     assert!(back == data, "1 MiB came back intact");
 
     let mut tasks = Vec::new();
@@ -62,10 +70,16 @@ async fn three_peers_forward_one_mib_and_100_concurrent_connections() {
         }));
     }
     for t in tasks {
-        assert!(timeout(BOUND, t).await.unwrap().unwrap(), "connection intact");
+        assert!(
+            timeout(BOUND, t).await.unwrap().unwrap(),
+            "connection intact"
+        );
     }
     let s = c.stats().snapshot();
-    assert!(s.streams_accepted >= 101, "every connection was a stream to c: {s:?}");
+    assert!(
+        s.streams_accepted >= 101,
+        "every connection was a stream to c: {s:?}"
+    );
     for n in [a, b, c] {
         n.shutdown().await;
     }
@@ -83,7 +97,9 @@ async fn removed_service_and_stopped_peer_leave_the_catalog() {
         backend,
     };
     let c = spawn(&ca, "c", &[a.addr()], vec![svc("one"), svc("two")], vec![]).await;
-    let has = |name: &'static str| move |s: &[overlay::catalog::ServiceEntry]| s.iter().any(|e| e.name == name);
+    let has = |name: &'static str| {
+        move |s: &[overlay::catalog::ServiceEntry]| s.iter().any(|e| e.name == name)
+    };
     timeout(BOUND, async {
         a.wait_catalog(has("one")).await;
         b.wait_catalog(has("two")).await;
@@ -103,7 +119,9 @@ async fn removed_service_and_stopped_peer_leave_the_catalog() {
 
     // A published service at runtime appears.
     c.publish("three", backend).unwrap();
-    timeout(BOUND, b.wait_catalog(has("three"))).await.expect("publish spreads");
+    timeout(BOUND, b.wait_catalog(has("three")))
+        .await
+        .expect("publish spreads");
 
     // Stopping the peer withdraws everything it offered.
     c.shutdown().await;
@@ -139,9 +157,12 @@ async fn failures_close_the_local_client_promptly() {
         vec![],
     )
     .await;
-    timeout(BOUND, a.wait_catalog(|s| s.iter().any(|e| e.name == "broken")))
-        .await
-        .unwrap();
+    timeout(
+        BOUND,
+        a.wait_catalog(|s| s.iter().any(|e| e.name == "broken")),
+    )
+    .await
+    .unwrap();
     for (service, port) in a.upstream_addrs() {
         let mut s = tokio::net::TcpStream::connect(port).await.unwrap();
         let mut buf = Vec::new();
@@ -152,7 +173,10 @@ async fn failures_close_the_local_client_promptly() {
         assert!(buf.is_empty(), "{service}: no data expected");
         let _ = r;
     }
-    assert!(c.stats().snapshot().stream_errors >= 1, "far side saw the refused backend");
+    assert!(
+        c.stats().snapshot().stream_errors >= 1,
+        "far side saw the refused backend"
+    );
     a.shutdown().await;
     c.shutdown().await;
 }

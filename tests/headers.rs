@@ -15,7 +15,10 @@ async fn reset_code(conn: &quinn::Connection, bytes: &[u8]) -> u64 {
     send.write_all(bytes).await.unwrap();
     let _ = send.finish();
     let mut buf = vec![0u8; 64];
-    match timeout(LIMIT, recv.read(&mut buf)).await.expect("answered promptly") {
+    match timeout(LIMIT, recv.read(&mut buf))
+        .await
+        .expect("answered promptly")
+    {
         Err(quinn::ReadError::Reset(c)) => c.into_inner(),
         other => panic!("expected a reset, got {other:?}"),
     }
@@ -43,14 +46,23 @@ async fn bad_headers_reset_the_stream_and_the_peer_keeps_serving() {
         .await
         .unwrap();
 
-    assert_eq!(reset_code(&conn, &[2, 0, 1, 0]).await, u64::from(code::UNSUPPORTED_VERSION));
-    assert_eq!(reset_code(&conn, &[1, 0xff, 0xff]).await, u64::from(code::TOO_LARGE));
+    assert_eq!(
+        reset_code(&conn, &[2, 0, 1, 0]).await,
+        u64::from(code::UNSUPPORTED_VERSION)
+    );
+    assert_eq!(
+        reset_code(&conn, &[1, 0xff, 0xff]).await,
+        u64::from(code::TOO_LARGE)
+    );
     assert_eq!(
         reset_code(&conn, &[1, 0, 4, 0xff, 0xff, 0xff, 0xff]).await,
         u64::from(code::MALFORMED_HEADER)
     );
     // Truncated: the stream ends inside the header.
-    assert_eq!(reset_code(&conn, &[1, 0, 9, 0]).await, u64::from(code::MALFORMED_HEADER));
+    assert_eq!(
+        reset_code(&conn, &[1, 0, 9, 0]).await,
+        u64::from(code::MALFORMED_HEADER)
+    );
     // Well-formed, but the service is not here.
     let unknown = wire::encode_header(&StreamHeader {
         kind: StreamKind::Forward {
@@ -58,7 +70,10 @@ async fn bad_headers_reset_the_stream_and_the_peer_keeps_serving() {
         },
         request_id: 1,
     });
-    assert_eq!(reset_code(&conn, &unknown).await, u64::from(code::UNKNOWN_SERVICE));
+    assert_eq!(
+        reset_code(&conn, &unknown).await,
+        u64::from(code::UNKNOWN_SERVICE)
+    );
     assert!(a.stats().snapshot().stream_errors >= 5);
 
     // The same connection still works for a good request.
@@ -72,7 +87,10 @@ async fn bad_headers_reset_the_stream_and_the_peer_keeps_serving() {
     req.extend_from_slice(b"still alive");
     send.write_all(&req).await.unwrap();
     send.finish().unwrap();
-    let back = timeout(LIMIT, recv.read_to_end(1024)).await.unwrap().unwrap();
+    let back = timeout(LIMIT, recv.read_to_end(1024))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(back, b"still alive");
     ep.close(0u32.into(), b"");
     a.shutdown().await;

@@ -7,7 +7,6 @@ use meshd_suite::*;
 use netsim::mem::MemNet;
 use overlay::membership::PeerState;
 use overlay::{Node, ServiceConfig};
-use tokio::io::AsyncWriteExt;
 use tokio::time::timeout;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -104,7 +103,11 @@ async fn two_peers_forward_over_an_in_memory_socket() {
     )
     .await
     .expect("a learns b's service over the in-memory network");
-    assert_eq!(a.addr(), a_addr, "the node uses the injected socket's address");
+    assert_eq!(
+        a.addr(),
+        a_addr,
+        "the node uses the injected socket's address"
+    );
 
     let (mut send, mut recv) = a.open_service_stream("echo").await.unwrap();
     let data = pattern(100_000, 7);

@@ -119,7 +119,9 @@ impl MemSocket {
 
 impl fmt::Debug for MemSocket {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("MemSocket").field("addr", &self.addr).finish()
+        f.debug_struct("MemSocket")
+            .field("addr", &self.addr)
+            .finish()
     }
 }
 

@@ -177,9 +177,7 @@ impl Catalog {
                 });
             }
         }
-        out.sort_by(|a, b| {
-            (&a.name, a.node_id.0, !a.local).cmp(&(&b.name, b.node_id.0, !b.local))
-        });
+        out.sort_by(|a, b| (&a.name, a.node_id.0, !a.local).cmp(&(&b.name, b.node_id.0, !b.local)));
         out
     }
 }

@@ -73,7 +73,11 @@ impl NodeId {
 
 impl fmt::Display for NodeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&data_encoding::BASE32_NOPAD.encode(&self.0).to_ascii_lowercase())
+        f.write_str(
+            &data_encoding::BASE32_NOPAD
+                .encode(&self.0)
+                .to_ascii_lowercase(),
+        )
     }
 }
 
@@ -166,7 +170,11 @@ pub fn valid_name(name: &str) -> bool {
 }
 
 /// Writes `contents` to `path` atomically with mode 0600 (the file is never seen half-written).
-pub fn write_private_file(path: &Path, contents: &[u8], overwrite: bool) -> Result<(), IdentityError> {
+pub fn write_private_file(
+    path: &Path,
+    contents: &[u8],
+    overwrite: bool,
+) -> Result<(), IdentityError> {
     use std::os::unix::fs::OpenOptionsExt;
 
     use atomic_write_file::unix::OpenOptionsExt as _;
@@ -182,7 +190,11 @@ pub fn write_private_file(path: &Path, contents: &[u8], overwrite: bool) -> Resu
 }
 
 /// Writes a public file (certificate) atomically with mode 0644.
-pub fn write_public_file(path: &Path, contents: &[u8], overwrite: bool) -> Result<(), IdentityError> {
+pub fn write_public_file(
+    path: &Path,
+    contents: &[u8],
+    overwrite: bool,
+) -> Result<(), IdentityError> {
     use std::os::unix::fs::OpenOptionsExt;
 
     use atomic_write_file::unix::OpenOptionsExt as _;
@@ -500,7 +512,11 @@ impl NodeIdentity {
     }
 
     /// Builds an identity from in-memory PEM (demo, tests, simulator).
-    pub fn from_pem(ca_cert_pem: &str, cert_pem: &str, key_pem: &str) -> Result<Self, IdentityError> {
+    pub fn from_pem(
+        ca_cert_pem: &str,
+        cert_pem: &str,
+        key_pem: &str,
+    ) -> Result<Self, IdentityError> {
         let ca = certs_from_pem(ca_cert_pem.as_bytes())?;
         let chain = certs_from_pem(cert_pem.as_bytes())?;
         let key = key_from_pem(key_pem.as_bytes())?;

@@ -139,9 +139,12 @@ impl MembershipConfig {
         c.probe_period = self.probe_period;
         c.probe_rtt = self.probe_rtt;
         c.suspect_to_down_after = self.suspect_to_down;
-        c.max_packet_size = NonZeroUsize::new(self.max_packet_size.max(512)).unwrap_or(NonZeroUsize::MIN);
+        c.max_packet_size =
+            NonZeroUsize::new(self.max_packet_size.max(512)).unwrap_or(NonZeroUsize::MIN);
         c.num_indirect_probes = NonZeroUsize::new(3).unwrap_or(NonZeroUsize::MIN);
-        c.max_transmissions = c.max_transmissions.max(NonZeroU8::new(4).unwrap_or(NonZeroU8::MIN));
+        c.max_transmissions = c
+            .max_transmissions
+            .max(NonZeroU8::new(4).unwrap_or(NonZeroU8::MIN));
         // Forget down members after a while so memory stays bounded under churn.
         c.remove_down_after = Some(Duration::from_secs(60));
         c
@@ -315,7 +318,10 @@ mod tests {
             for i in 0..nodes.len() {
                 while let Some((to, data)) = nodes[i].poll_transmit() {
                     let from = nodes[i].identity().clone();
-                    if let Some(j) = nodes.iter().position(|n| n.identity().node_id == to.node_id) {
+                    if let Some(j) = nodes
+                        .iter()
+                        .position(|n| n.identity().node_id == to.node_id)
+                    {
                         nodes[j]
                             .handle_data(from.node_id, &from.name, &data)
                             .expect("honest packet accepted");

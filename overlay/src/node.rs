@@ -193,8 +193,8 @@ impl Node {
             what: format!("bind UDP {listen}"),
             source,
         })?;
-        let runtime = quinn::default_runtime()
-            .ok_or_else(|| NodeError::Config("no async runtime".into()))?;
+        let runtime =
+            quinn::default_runtime().ok_or_else(|| NodeError::Config("no async runtime".into()))?;
         let socket = runtime
             .wrap_udp_socket(socket)
             .map_err(|source| NodeError::Io {
@@ -226,8 +226,8 @@ impl Node {
         seed[..8].copy_from_slice(&config.seed.to_le_bytes());
         let mut endpoint_config = quinn::EndpointConfig::default();
         endpoint_config.rng_seed(Some(seed));
-        let runtime = quinn::default_runtime()
-            .ok_or_else(|| NodeError::Config("no async runtime".into()))?;
+        let runtime =
+            quinn::default_runtime().ok_or_else(|| NodeError::Config("no async runtime".into()))?;
         let endpoint = quinn::Endpoint::new_with_abstract_socket(
             endpoint_config,
             Some(server_config),
@@ -309,7 +309,8 @@ impl Node {
 
         let mut tasks = Vec::new();
         tasks.push(tokio::spawn(
-            membership_actor(node.inner.clone(), membership, membership_rx).instrument(span.clone()),
+            membership_actor(node.inner.clone(), membership, membership_rx)
+                .instrument(span.clone()),
         ));
         tasks.push(tokio::spawn(
             accept_loop(node.inner.clone()).instrument(span.clone()),
@@ -324,8 +325,12 @@ impl Node {
         }
         if !config.bootstrap.is_empty() {
             tasks.push(tokio::spawn(
-                bootstrap(node.inner.clone(), config.bootstrap.clone(), config.max_join_backoff)
-                    .instrument(span.clone()),
+                bootstrap(
+                    node.inner.clone(),
+                    config.bootstrap.clone(),
+                    config.max_join_backoff,
+                )
+                .instrument(span.clone()),
             ));
         }
         lock(&node.inner.tasks).extend(tasks);
@@ -622,7 +627,8 @@ impl Inner {
             }
         }
         stats::inc(&self.stats.connections_open);
-        let span = tracing::debug_span!("conn", peer = %info.node_id.fmt_short(), name = %info.name);
+        let span =
+            tracing::debug_span!("conn", peer = %info.node_id.fmt_short(), name = %info.name);
         tokio::spawn(serve_connection(self.clone(), conn, info, permit).instrument(span));
     }
 }
@@ -742,7 +748,11 @@ async fn handle_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
-    let header = match timeout(inner.transport.header_timeout, wire::io::read_header(&mut recv)).await
+    let header = match timeout(
+        inner.transport.header_timeout,
+        wire::io::read_header(&mut recv),
+    )
+    .await
     {
         Ok(Ok(h)) => h,
         Ok(Err(e)) => {
@@ -774,7 +784,12 @@ async fn handle_stream(
             }
         }
         StreamKind::CatalogPush => {
-            match timeout(inner.transport.header_timeout, wire::io::read_frame(&mut recv)).await {
+            match timeout(
+                inner.transport.header_timeout,
+                wire::io::read_frame(&mut recv),
+            )
+            .await
+            {
                 Ok(Ok(body)) => match wire::decode_catalog(&body) {
                     Ok(snap) => apply_catalog(&inner, peer.node_id, snap),
                     Err(e) => {
@@ -895,7 +910,11 @@ async fn upstream_loop(inner: Arc<Inner>, service: String, listener: TcpListener
     }
 }
 
-async fn forward_client(inner: &Arc<Inner>, service: &str, tcp: TcpStream) -> Result<(), ForwardError> {
+async fn forward_client(
+    inner: &Arc<Inner>,
+    service: &str,
+    tcp: TcpStream,
+) -> Result<(), ForwardError> {
     let _ = tcp.set_nodelay(true);
     let local_backend = read(&inner.catalog).backend(service);
     if let Some(backend) = local_backend {
@@ -918,7 +937,10 @@ async fn forward_client(inner: &Arc<Inner>, service: &str, tcp: TcpStream) -> Re
 fn pick_provider(inner: &Inner, service: &str) -> Option<NodeId> {
     let providers = read(&inner.catalog).providers(service);
     let alive = read(&inner.alive);
-    let live: Vec<NodeId> = providers.into_iter().filter(|p| alive.contains_key(p)).collect();
+    let live: Vec<NodeId> = providers
+        .into_iter()
+        .filter(|p| alive.contains_key(p))
+        .collect();
     if live.is_empty() {
         return None;
     }
@@ -930,7 +952,8 @@ async fn open_service_stream(
     inner: &Arc<Inner>,
     service: &str,
 ) -> Result<(quinn::SendStream, quinn::RecvStream), ForwardError> {
-    let peer = pick_provider(inner, service).ok_or_else(|| ForwardError::NoProvider(service.into()))?;
+    let peer =
+        pick_provider(inner, service).ok_or_else(|| ForwardError::NoProvider(service.into()))?;
     let conn = inner
         .conn_to(peer)
         .await
@@ -979,10 +1002,13 @@ async fn pull_catalog(inner: &Arc<Inner>, node: NodeId) -> Result<(), String> {
     });
     send.write_all(&header).await.map_err(|e| e.to_string())?;
     let _ = send.finish();
-    let body = timeout(inner.transport.header_timeout, wire::io::read_frame(&mut recv))
-        .await
-        .map_err(|_| "timed out".to_string())?
-        .map_err(|e| e.to_string())?;
+    let body = timeout(
+        inner.transport.header_timeout,
+        wire::io::read_frame(&mut recv),
+    )
+    .await
+    .map_err(|_| "timed out".to_string())?
+    .map_err(|e| e.to_string())?;
     let snap = wire::decode_catalog(&body).map_err(|e| e.to_string())?;
     apply_catalog(inner, node, snap);
     Ok(())
@@ -1209,7 +1235,9 @@ fn send_membership(inner: &Arc<Inner>, to: PeerIdentity, data: Bytes) {
     if let Some(conn) = inner.live_conn(to.node_id) {
         match conn.send_datagram(datagram) {
             Ok(()) => stats::inc(&inner.stats.membership_datagrams_sent),
-            Err(e) => debug!(peer = %to.node_id.fmt_short(), error = %e, "membership datagram not sent"),
+            Err(e) => {
+                debug!(peer = %to.node_id.fmt_short(), error = %e, "membership datagram not sent")
+            }
         }
         return;
     }
@@ -1244,7 +1272,12 @@ async fn bootstrap(inner: Arc<Inner>, addrs: Vec<SocketAddr>, max_backoff: Durat
             if *addr == inner.me.addr {
                 continue;
             }
-            match timeout(backoff.max(Duration::from_secs(2)), inner.connect(None, *addr)).await {
+            match timeout(
+                backoff.max(Duration::from_secs(2)),
+                inner.connect(None, *addr),
+            )
+            .await
+            {
                 Ok(Ok((_, info))) if info.node_id != inner.info.node_id => {
                     let target = PeerIdentity {
                         node_id: info.node_id,

@@ -106,6 +106,9 @@ mod tests {
         let text = s.render_prometheus();
         assert!(text.contains("meshd_handshakes_total 1"), "{text}");
         assert!(text.contains("meshd_forward_bytes_sent_total 42"), "{text}");
-        assert!(text.contains("# TYPE meshd_connections_open gauge"), "{text}");
+        assert!(
+            text.contains("# TYPE meshd_connections_open gauge"),
+            "{text}"
+        );
     }
 }

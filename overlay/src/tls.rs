@@ -193,12 +193,10 @@ pub fn client_config(
     settings: TlsSettings,
 ) -> Result<rustls::ClientConfig, TlsError> {
     let provider = provider();
-    let inner = WebPkiServerVerifier::builder_with_provider(
-        Arc::new(roots(identity)?),
-        provider.clone(),
-    )
-    .build()
-    .map_err(|e| TlsError::BadCa(e.to_string()))?;
+    let inner =
+        WebPkiServerVerifier::builder_with_provider(Arc::new(roots(identity)?), provider.clone())
+            .build()
+            .map_err(|e| TlsError::BadCa(e.to_string()))?;
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()

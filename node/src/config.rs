@@ -1,0 +1,404 @@
+//! The `meshd run` configuration file: TOML parsed into raw structs (unknown keys refused),
+//! then validated once into [`overlay::NodeConfig`] and the daemon's own settings.
+//!
+//! Every error names the file and the key (`service[1].backend`), so an operator can fix it
+//! without reading code.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use overlay::identity::valid_name;
+use overlay::membership::MembershipConfig;
+use overlay::{NodeConfig, ServiceConfig, TransportSettings, UpstreamConfig};
+use serde::Deserialize;
+
+/// A configuration error, naming the file and the key.
+#[derive(Debug, thiserror::Error)]
+#[error("config {file}: {msg}")]
+pub struct ConfigError {
+    /// The file.
+    pub file: PathBuf,
+    /// What is wrong, naming the key.
+    pub msg: String,
+}
+
+/// Raw file contents. Durations are in milliseconds (`*_ms`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// Node name; must equal the certificate's common name.
+    pub name: String,
+    /// UDP address to bind.
+    pub listen: String,
+    /// Address peers dial, when `listen` is a wildcard.
+    #[serde(default)]
+    pub advertise: Option<String>,
+    /// Peers to join through.
+    #[serde(default)]
+    pub bootstrap: Vec<String>,
+    /// Overlay CA certificate (PEM).
+    pub ca_cert: PathBuf,
+    /// Node certificate (PEM).
+    pub cert: PathBuf,
+    /// Node key (PEM, must be mode 0600).
+    pub key: PathBuf,
+    /// Admin HTTP address (loopback only).
+    pub admin: String,
+    /// Directory for the node's state.
+    pub state_dir: PathBuf,
+    /// Seed for random choices (default: from the generation).
+    #[serde(default)]
+    pub seed: Option<u64>,
+    /// Published services.
+    #[serde(default)]
+    pub service: Vec<RawService>,
+    /// Local forwarding ports.
+    #[serde(default)]
+    pub upstream: Vec<RawUpstream>,
+    /// SWIM timings.
+    #[serde(default)]
+    pub membership: RawMembership,
+    /// QUIC settings.
+    #[serde(default)]
+    pub transport: RawTransport,
+}
+
+/// `[[service]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawService {
+    /// Service name.
+    pub name: String,
+    /// Local TCP backend address.
+    pub backend: String,
+}
+
+/// `[[upstream]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    /// Service name.
+    pub service: String,
+    /// Local TCP address to listen on.
+    pub listen: String,
+}
+
+/// `[membership]`; defaults are memberlist's LAN values.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawMembership {
+    /// Time between probes (default 1000).
+    pub probe_period_ms: Option<u64>,
+    /// Direct probe timeout (default 500).
+    pub probe_timeout_ms: Option<u64>,
+    /// Suspicion before down (default 4000).
+    pub suspect_timeout_ms: Option<u64>,
+    /// Expected cluster size (default 32).
+    pub cluster_size: Option<u32>,
+}
+
+/// `[transport]`.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawTransport {
+    /// Idle timeout (default 30000).
+    pub idle_timeout_ms: Option<u64>,
+    /// Keep-alive interval (default: none).
+    pub keep_alive_ms: Option<u64>,
+    /// Streams per connection (default 1024).
+    pub max_streams_per_connection: Option<u32>,
+    /// Connections (default 4096).
+    pub max_connections: Option<usize>,
+}
+
+/// The validated daemon configuration.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    /// Node name.
+    pub name: String,
+    /// UDP bind address.
+    pub listen: SocketAddr,
+    /// Admin HTTP address.
+    pub admin: SocketAddr,
+    /// CA certificate path.
+    pub ca_cert: PathBuf,
+    /// Certificate path.
+    pub cert: PathBuf,
+    /// Key path.
+    pub key: PathBuf,
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// Overlay settings.
+    pub node: NodeConfig,
+}
+
+fn addr(file: &Path, key: &str, v: &str) -> Result<SocketAddr, ConfigError> {
+    v.parse().map_err(|_| ConfigError {
+        file: file.to_owned(),
+        msg: format!("key `{key}`: {v:?} is not an IP:port address"),
+    })
+}
+
+fn ms(file: &Path, key: &str, v: Option<u64>, default: Duration) -> Result<Duration, ConfigError> {
+    match v {
+        None => Ok(default),
+        Some(0) => Err(ConfigError {
+            file: file.to_owned(),
+            msg: format!("key `{key}`: must be greater than 0"),
+        }),
+        Some(ms) => Ok(Duration::from_millis(ms)),
+    }
+}
+
+/// Reads and validates a config file.
+pub fn load(file: &Path) -> Result<DaemonConfig, ConfigError> {
+    let text = std::fs::read_to_string(file).map_err(|e| ConfigError {
+        file: file.to_owned(),
+        msg: format!("cannot read: {e}"),
+    })?;
+    parse(file, &text)
+}
+
+/// Parses and validates config text (`file` is used in messages and to resolve relative paths).
+pub fn parse(file: &Path, text: &str) -> Result<DaemonConfig, ConfigError> {
+    let de = toml::Deserializer::new(text);
+    let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let msg = inner.message().to_owned();
+        let line = inner
+            .span()
+            .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+        ConfigError {
+            file: file.to_owned(),
+            msg: match (path.as_str(), line) {
+                (".", Some(l)) => format!("line {l}: {msg}"),
+                (".", None) => msg,
+                (p, Some(l)) => format!("key `{p}` (line {l}): {msg}"),
+                (p, None) => format!("key `{p}`: {msg}"),
+            },
+        }
+    })?;
+    validate(file, raw)
+}
+
+fn validate(file: &Path, raw: RawConfig) -> Result<DaemonConfig, ConfigError> {
+    let err = |msg: String| ConfigError {
+        file: file.to_owned(),
+        msg,
+    };
+    if !valid_name(&raw.name) {
+        return Err(err(format!(
+            "key `name`: {:?} is not a valid node name (1-63 of a-z 0-9 - _ .)",
+            raw.name
+        )));
+    }
+    let listen = addr(file, "listen", &raw.listen)?;
+    let admin = addr(file, "admin", &raw.admin)?;
+    if !admin.ip().is_loopback() {
+        return Err(err(format!(
+            "key `admin`: {admin} is not a loopback address; the admin API is local only"
+        )));
+    }
+    let advertise = raw
+        .advertise
+        .as_deref()
+        .map(|a| addr(file, "advertise", a))
+        .transpose()?;
+    if listen.ip().is_unspecified() && advertise.is_none() {
+        return Err(err(format!(
+            "key `advertise`: required when `listen` is {listen} (the address peers dial)"
+        )));
+    }
+    let bootstrap = raw
+        .bootstrap
+        .iter()
+        .enumerate()
+        .map(|(i, b)| addr(file, &format!("bootstrap[{i}]"), b))
+        .collect::<Result<Vec<_>, _>>()?;
+    let base = file.parent().unwrap_or(Path::new("."));
+    let resolve = |p: &Path| {
+        if p.is_absolute() {
+            p.to_owned()
+        } else {
+            base.join(p)
+        }
+    };
+    let mut services = Vec::new();
+    for (i, s) in raw.service.iter().enumerate() {
+        if !valid_name(&s.name) {
+            return Err(err(format!(
+                "key `service[{i}].name`: {:?} is not a valid service name",
+                s.name
+            )));
+        }
+        if services.iter().any(|x: &ServiceConfig| x.name == s.name) {
+            return Err(err(format!(
+                "key `service[{i}].name`: {:?} is published twice",
+                s.name
+            )));
+        }
+        services.push(ServiceConfig {
+            name: s.name.clone(),
+            backend: addr(file, &format!("service[{i}].backend"), &s.backend)?,
+        });
+    }
+    let mut upstreams = Vec::new();
+    for (i, u) in raw.upstream.iter().enumerate() {
+        if !valid_name(&u.service) {
+            return Err(err(format!(
+                "key `upstream[{i}].service`: {:?} is not a valid service name",
+                u.service
+            )));
+        }
+        upstreams.push(UpstreamConfig {
+            service: u.service.clone(),
+            listen: addr(file, &format!("upstream[{i}].listen"), &u.listen)?,
+        });
+    }
+    let md = MembershipConfig::default();
+    let membership = MembershipConfig {
+        probe_period: ms(
+            file,
+            "membership.probe_period_ms",
+            raw.membership.probe_period_ms,
+            md.probe_period,
+        )?,
+        probe_rtt: ms(
+            file,
+            "membership.probe_timeout_ms",
+            raw.membership.probe_timeout_ms,
+            md.probe_rtt,
+        )?,
+        suspect_to_down: ms(
+            file,
+            "membership.suspect_timeout_ms",
+            raw.membership.suspect_timeout_ms,
+            md.suspect_to_down,
+        )?,
+        cluster_size_hint: raw.membership.cluster_size.unwrap_or(md.cluster_size_hint),
+        ..md
+    };
+    if membership.probe_rtt >= membership.probe_period {
+        return Err(err(
+            "key `membership.probe_timeout_ms`: must be less than probe_period_ms".into(),
+        ));
+    }
+    let td = TransportSettings::default();
+    let transport = TransportSettings {
+        idle_timeout: ms(
+            file,
+            "transport.idle_timeout_ms",
+            raw.transport.idle_timeout_ms,
+            td.idle_timeout,
+        )?,
+        keep_alive: raw
+            .transport
+            .keep_alive_ms
+            .map(|v| ms(file, "transport.keep_alive_ms", Some(v), Duration::ZERO))
+            .transpose()?,
+        max_streams_per_connection: raw
+            .transport
+            .max_streams_per_connection
+            .unwrap_or(td.max_streams_per_connection),
+        max_connections: raw.transport.max_connections.unwrap_or(td.max_connections),
+        ..td
+    };
+    if let Some(k) = transport.keep_alive {
+        if k >= transport.idle_timeout {
+            return Err(err(
+                "key `transport.keep_alive_ms`: must be less than idle_timeout_ms".into(),
+            ));
+        }
+    }
+    Ok(DaemonConfig {
+        name: raw.name,
+        listen,
+        admin,
+        ca_cert: resolve(&raw.ca_cert),
+        cert: resolve(&raw.cert),
+        key: resolve(&raw.key),
+        state_dir: resolve(&raw.state_dir),
+        node: NodeConfig {
+            advertise,
+            bootstrap,
+            services,
+            upstreams,
+            membership,
+            transport,
+            seed: raw.seed.unwrap_or(0),
+            ..NodeConfig::default()
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+name = "alpha"
+listen = "127.0.0.1:7000"
+bootstrap = ["127.0.0.1:7001"]
+ca_cert = "ca.crt"
+cert = "node.crt"
+key = "node.key"
+admin = "127.0.0.1:7100"
+state_dir = "state"
+
+[[service]]
+name = "echo"
+backend = "127.0.0.1:9000"
+
+[[upstream]]
+service = "echo"
+listen = "127.0.0.1:9100"
+"#;
+
+    fn parse_err(text: &str) -> String {
+        parse(Path::new("/etc/meshd/x.toml"), text)
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn good_config_parses_and_resolves_paths() {
+        let c = parse(Path::new("/etc/meshd/node.toml"), GOOD).unwrap();
+        assert_eq!(c.node.services[0].name, "echo");
+        assert_eq!(c.cert, PathBuf::from("/etc/meshd/node.crt"));
+        assert_eq!(c.node.bootstrap.len(), 1);
+    }
+
+    #[test]
+    fn errors_name_the_file_and_the_key() {
+        let e = parse_err(&GOOD.replace("127.0.0.1:9000", "nope"));
+        assert!(e.contains("/etc/meshd/x.toml"), "{e}");
+        assert!(e.contains("service[0].backend"), "{e}");
+
+        let e = parse_err(&format!("{GOOD}\nbogus = 1\n"));
+        assert!(e.contains("bogus"), "{e}");
+
+        let e = parse_err(&GOOD.replace("listen = \"127.0.0.1:7000\"", "listen = 7"));
+        assert!(e.contains("listen"), "{e}");
+
+        let e = parse_err(&GOOD.replace("admin = \"127.0.0.1:7100\"", "admin = \"0.0.0.0:7100\""));
+        assert!(e.contains("admin") && e.contains("loopback"), "{e}");
+
+        let e = parse_err(&GOOD.replace("name = \"alpha\"", "name = \"Alpha Node\""));
+        assert!(e.contains("`name`"), "{e}");
+
+        let e =
+            parse_err(&GOOD.replace("listen = \"127.0.0.1:7000\"", "listen = \"0.0.0.0:7000\""));
+        assert!(e.contains("advertise"), "{e}");
+
+        let e = parse_err(&format!("{GOOD}\n[membership]\nprobe_period_ms = 0\n"));
+        assert!(e.contains("membership.probe_period_ms"), "{e}");
+    }
+
+    #[test]
+    fn missing_required_key_is_named() {
+        let e = parse_err(&GOOD.replace("state_dir = \"state\"\n", ""));
+        assert!(e.contains("state_dir"), "{e}");
+    }
+}
