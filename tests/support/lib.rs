@@ -1,7 +1,7 @@
 //! Shared harness for the end-to-end tests in `tests/` and the benchmarks in `benches/`:
 //! an in-memory overlay CA, node identities, fast membership timings, and TCP echo backends.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 
 use std::net::SocketAddr;
 use std::time::Duration;
