@@ -302,6 +302,21 @@ mod tests {
         assert_eq!(decode_header_body(&bytes[3..]).unwrap(), h);
     }
 
+    /// The example in docs/PROTOCOL.md §2.
+    #[test]
+    fn header_encoding_matches_the_protocol_document() {
+        let h = StreamHeader {
+            kind: StreamKind::Forward {
+                service: "echo".into(),
+            },
+            request_id: 7,
+        };
+        assert_eq!(
+            encode_header(&h),
+            [0x01, 0x00, 0x07, 0x00, 0x04, b'e', b'c', b'h', b'o', 0x07]
+        );
+    }
+
     #[test]
     fn refuses_bad_version_and_oversize_before_reading_body() {
         assert_eq!(
