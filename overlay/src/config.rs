@@ -2,7 +2,10 @@
 //! converts them into these types once; everything here is already checked.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
+
+use crate::backend::{BackendConnector, TcpConnector};
 
 use crate::membership::MembershipConfig;
 use crate::tls::TlsSettings;
@@ -44,6 +47,9 @@ pub struct TransportSettings {
     pub max_connections: usize,
     /// Re-check open connections' peers against expiry and the deny-set this often. Default 60 s.
     pub revalidate_interval: Duration,
+    /// Simulation only: time charged after each handshake, so that virtual time includes the
+    /// handshake's CPU cost (crypto is free in virtual time). Default zero.
+    pub handshake_cpu_delay: Duration,
 }
 
 impl Default for TransportSettings {
@@ -57,12 +63,13 @@ impl Default for TransportSettings {
             backend_connect_timeout: Duration::from_secs(5),
             max_connections: 4096,
             revalidate_interval: Duration::from_secs(60),
+            handshake_cpu_delay: Duration::ZERO,
         }
     }
 }
 
 /// Everything a peer needs besides its identity and socket.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct NodeConfig {
     /// Address others dial (defaults to the bound address; required when bound to 0.0.0.0).
     pub advertise: Option<SocketAddr>,
@@ -84,6 +91,23 @@ pub struct NodeConfig {
     pub seed: u64,
     /// Longest wait between join attempts. Default 10 s.
     pub max_join_backoff: Duration,
+    /// How backends are reached (TCP by default; the simulator injects its own).
+    pub backend_connector: Arc<dyn BackendConnector>,
+}
+
+impl std::fmt::Debug for NodeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeConfig")
+            .field("advertise", &self.advertise)
+            .field("bootstrap", &self.bootstrap)
+            .field("services", &self.services)
+            .field("upstreams", &self.upstreams)
+            .field("membership", &self.membership)
+            .field("transport", &self.transport)
+            .field("generation", &self.generation)
+            .field("seed", &self.seed)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for NodeConfig {
@@ -99,6 +123,7 @@ impl Default for NodeConfig {
             generation: 1,
             seed: 0,
             max_join_backoff: Duration::from_secs(10),
+            backend_connector: Arc::new(TcpConnector),
         }
     }
 }

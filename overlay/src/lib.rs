@@ -11,6 +11,7 @@
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod backend;
 pub mod catalog;
 pub mod config;
 pub mod identity;

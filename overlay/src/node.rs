@@ -35,6 +35,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{timeout, Instant};
 use tracing::{debug, info, warn, Instrument};
 
+use crate::backend::{BackendConnector, BoxedStream};
 use crate::catalog::{Catalog, CatalogError, ServiceEntry};
 use crate::config::{NodeConfig, TransportSettings};
 use crate::identity::{CertInfo, NodeId, NodeIdStr, NodeIdentity};
@@ -142,6 +143,7 @@ struct Inner {
     client_config: quinn::ClientConfig,
     deny: DenySet,
     transport: TransportSettings,
+    backends: Arc<dyn BackendConnector>,
     conns: Mutex<HashMap<NodeId, (quinn::Connection, CertInfo)>>,
     dial_locks: Mutex<HashMap<NodeId, Arc<tokio::sync::Mutex<()>>>>,
     conn_slots: Arc<Semaphore>,
@@ -166,6 +168,13 @@ fn now_unix() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
+}
+
+/// Simulation: charge the handshake's CPU time in (virtual) time.
+async fn charge_handshake(t: &TransportSettings) {
+    if !t.handshake_cpu_delay.is_zero() {
+        tokio::time::sleep(t.handshake_cpu_delay).await;
+    }
 }
 
 fn transport_config(t: &TransportSettings) -> Result<quinn::TransportConfig, NodeError> {
@@ -272,6 +281,7 @@ impl Node {
             deny: DenySet::default(),
             conn_slots: Arc::new(Semaphore::new(config.transport.max_connections)),
             transport: config.transport.clone(),
+            backends: config.backend_connector.clone(),
             conns: Mutex::new(HashMap::new()),
             dial_locks: Mutex::new(HashMap::new()),
             alive: RwLock::new(HashMap::new()),
@@ -560,6 +570,7 @@ impl Inner {
         )?;
         let conn = connecting.await?;
         stats::inc(&self.stats.handshakes);
+        charge_handshake(&self.transport).await;
         let info = match authenticate_peer(&conn, &self.deny, now_unix()) {
             Ok(info) => info,
             Err(e) => {
@@ -658,6 +669,7 @@ async fn accept_loop(inner: Arc<Inner>) {
                 }
             };
             stats::inc(&inner.stats.handshakes);
+            charge_handshake(&inner.transport).await;
             match authenticate_peer(&conn, &inner.deny, now_unix()) {
                 Ok(info) => {
                     stats::inc(&inner.stats.connections_accepted);
@@ -826,7 +838,7 @@ async fn serve_forward(
     };
     let tcp = match timeout(
         inner.transport.backend_connect_timeout,
-        TcpStream::connect(backend),
+        inner.backends.connect(service, backend),
     )
     .await
     {
@@ -851,12 +863,11 @@ async fn serve_forward(
 /// Copies bytes both ways between a TCP connection and a QUIC stream, with half-close.
 async fn pipe(
     inner: &Arc<Inner>,
-    mut tcp: TcpStream,
+    mut tcp: BoxedStream,
     send: quinn::SendStream,
     recv: quinn::RecvStream,
     service: &str,
 ) {
-    let _ = tcp.set_nodelay(true);
     let mut quic = tokio::io::join(recv, send);
     match tokio::io::copy_bidirectional_with_sizes(&mut tcp, &mut quic, 64 * 1024, 64 * 1024).await
     {
@@ -919,7 +930,9 @@ async fn forward_client(
     let local_backend = read(&inner.catalog).backend(service);
     if let Some(backend) = local_backend {
         // Published on this very node: no need to cross the overlay.
-        let mut b = TcpStream::connect(backend)
+        let mut b = inner
+            .backends
+            .connect(service, backend)
             .await
             .map_err(|e| ForwardError::Stream {
                 peer: inner.info.node_id,
@@ -930,7 +943,7 @@ async fn forward_client(
         return Ok(());
     }
     let (send, recv) = open_service_stream(inner, service).await?;
-    pipe(inner, tcp, send, recv, service).await;
+    pipe(inner, Box::new(tcp), send, recv, service).await;
     Ok(())
 }
 
