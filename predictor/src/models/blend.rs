@@ -1,0 +1,362 @@
+//! The shipped model: client, group and global context models mixed by learned weights.
+//!
+//! For the client's current context, each scope (the client alone, its group, all clients)
+//! gives a PPM-C back-off distribution over orders `max_order..=0`. The three are mixed
+//! linearly with weights `softmax(L)`, where `L[scope]` is a decayed sum of the log-probability
+//! that scope gave to what the client actually did next: a per-client score, started from the
+//! model-wide score when the client is new. A microservice pod thus trusts its own history once
+//! it has one, a new pod leans on its deployment's, and a web client on everybody's.
+//!
+//! A *repeat gate* then splits the mass between services the client already used (in its own
+//! order-0 table) and new ones, in the proportion the client has shown (`rho`, a moving average
+//! of "this request repeated an earlier service", started from the model-wide average). Web
+//! clients rarely fetch the same path twice; pods call the same few services all the time.
+//!
+//! No I/O, no clock, no randomness; ties rank by service id.
+
+use serde::{Deserialize, Serialize};
+
+use crate::models::core::{Core, CoreState, View, BAG_SLOT, CLIENT, GLOBAL, GROUP, MAX_ORDER};
+use crate::models::rank::{ppm_chain, Cands};
+use crate::models::{Model, ModelConfig};
+use crate::store::{exp_approx, Dist};
+use crate::{ClientId, GroupId, Millis, Prediction, ServiceId};
+
+/// Tuning of [`Blend`]; the defaults are what the daemon ships.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BlendParams {
+    /// Learning rate of the mixture weights (exponentiated gradient on log loss).
+    pub rate: f32,
+    /// Share of weight spread back evenly after every update, so no expert is ever written off.
+    pub share: f32,
+    /// Highest order of the short-memory experts (the long ones use `max_order`).
+    pub low_order: usize,
+    /// Weight of the newest event in the repeat-rate average.
+    pub repeat_alpha: f32,
+    /// Events a client needs before its own mixture weights replace the model-wide ones.
+    pub own_after: u32,
+    /// Data a scope needs to be fully trusted: an expert's weight is scaled by
+    /// `n / (n + trust)`, `n` its scope's decayed order-0 count, so a client with one request
+    /// does not outvote its group.
+    pub trust: f32,
+    /// Entries of each table considered as candidates (tables are sorted by count).
+    pub top: usize,
+    /// Strength of the repeat gate, 0 (off) to 1 (scores fully re-split by the repeat rate).
+    pub gate: f32,
+}
+
+impl Default for BlendParams {
+    fn default() -> Self {
+        Self {
+            rate: 0.3,
+            share: 0.01,
+            low_order: 1,
+            repeat_alpha: 0.3,
+            gate: 0.5,
+            own_after: 0,
+            top: 12,
+            trust: 2.0,
+        }
+    }
+}
+
+/// Experts: for each scope (client, group, global), a long chain (orders `max_order..=0`), a
+/// short one (orders `low_order..=0`) and a bag chain (the last two services in any order, then
+/// orders 1 and 0). Expert `e` belongs to scope `e / 3`.
+const EXPERTS: usize = 9;
+/// Tables per scope: orders `0..=MAX_ORDER`, then the bag.
+const SLOTS: usize = MAX_ORDER + 2;
+
+/// What the blend learns per client (and model-wide, as the prior of new clients).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Skill {
+    /// Mixture weight of each expert (sums to 1).
+    w: [f32; EXPERTS],
+    /// Share of requests that repeated a service the client had used before.
+    rho: f32,
+}
+
+impl Default for Skill {
+    fn default() -> Self {
+        Self {
+            w: [1.0 / EXPERTS as f32; EXPERTS],
+            rho: 0.5,
+        }
+    }
+}
+
+/// Snapshot of a [`Blend`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct BlendState {
+    core: CoreState<Skill>,
+    global: Skill,
+}
+
+/// The shipped model (see the module docs).
+#[derive(Debug, Clone)]
+pub struct Blend {
+    core: Core<Skill>,
+    global: Skill,
+    params: BlendParams,
+}
+
+/// Each expert's PPM-C weights over its scope's tables.
+struct Experts {
+    /// `w[e][slot]`: weight of table `slot` (order, or the bag) of scope `e / 3` in expert `e`.
+    w: [[f32; SLOTS]; EXPERTS],
+    avail: [bool; EXPERTS],
+}
+
+impl Experts {
+    /// Weights from `(total, distinct)` of every table, indexed `[scope][slot]`.
+    fn new(stats: &[[(f32, f32); SLOTS]; 3], hi: usize, lo: usize) -> Self {
+        let mut w = [[0.0; SLOTS]; EXPERTS];
+        let mut avail = [false; EXPERTS];
+        let long: [usize; MAX_ORDER + 1] = std::array::from_fn(|i| hi.saturating_sub(i));
+        let short: [usize; MAX_ORDER + 1] = std::array::from_fn(|i| lo.saturating_sub(i));
+        let bag = [BAG_SLOT, 1, 0];
+        for s in [CLIENT, GROUP, GLOBAL] {
+            ppm_chain(&stats[s], &long[..=hi], &mut w[3 * s]);
+            ppm_chain(&stats[s], &short[..=lo], &mut w[3 * s + 1]);
+            if stats[s][BAG_SLOT].0 > 0.0 {
+                ppm_chain(&stats[s], &bag, &mut w[3 * s + 2]);
+            }
+            for e in 3 * s..3 * s + 3 {
+                avail[e] = w[e].iter().any(|&x| x > 0.0);
+            }
+        }
+        Self { w, avail }
+    }
+
+    /// Mixture weights `w`, scaled by each scope's data (`n0[scope]`, see
+    /// [`BlendParams::trust`]) and renormalised over the available experts.
+    fn mix(&self, w: &[f32; EXPERTS], n0: &[f32; 3], trust: f32) -> [f32; EXPERTS] {
+        let mut out = [0.0; EXPERTS];
+        let mut sum = 0.0;
+        for e in 0..EXPERTS {
+            if self.avail[e] {
+                let n = n0[e / 3];
+                out[e] = w[e].max(0.0) * n / (n + trust.max(0.0) + f32::MIN_POSITIVE);
+                sum += out[e];
+            }
+        }
+        if sum > 0.0 {
+            for x in &mut out {
+                *x /= sum;
+            }
+        }
+        out
+    }
+}
+
+/// The tables of a view as `[scope][slot]`.
+fn tables<'a>(v: &View<'a>) -> [[Option<&'a Dist>; SLOTS]; 3] {
+    std::array::from_fn(|s| {
+        std::array::from_fn(|i| if i == BAG_SLOT { v.bag[s] } else { v.d[s][i] })
+    })
+}
+
+fn stats_of(t: &[[Option<&Dist>; SLOTS]; 3]) -> [[(f32, f32); SLOTS]; 3] {
+    std::array::from_fn(|s| {
+        std::array::from_fn(|i| t[s][i].map_or((0.0, 0.0), |d| (d.total, d.entries.len() as f32)))
+    })
+}
+
+impl Blend {
+    /// A fresh model with the shipped parameters.
+    pub fn new(cfg: &ModelConfig) -> Self {
+        Self::with_params(cfg, BlendParams::default())
+    }
+
+    /// A fresh model with explicit parameters.
+    pub fn with_params(cfg: &ModelConfig, params: BlendParams) -> Self {
+        let mut core = Core::new(
+            cfg,
+            [true, true, true],
+            0,
+            cfg.max_order.clamp(1, MAX_ORDER),
+        );
+        core.bag = true;
+        Self {
+            core,
+            global: Skill::default(),
+            params,
+        }
+    }
+
+    pub(crate) fn state(&self) -> BlendState {
+        BlendState {
+            core: self.core.state(),
+            global: self.global.clone(),
+        }
+    }
+
+    pub(crate) fn restore(cfg: &ModelConfig, params: BlendParams, s: BlendState) -> Self {
+        let mut me = Self::with_params(cfg, params);
+        me.core.restore(s.core);
+        me.global = s.global;
+        me
+    }
+
+    fn low(&self) -> usize {
+        self.params.low_order.min(self.core.hi)
+    }
+
+    /// Exponentiated-gradient step of the mixture weights towards the experts that gave the
+    /// observed service more probability than the mixture did; unavailable experts keep theirs.
+    fn update_skill(
+        skill: &mut Skill,
+        p: &BlendParams,
+        probs: &[f32; EXPERTS],
+        avail: &[bool; EXPERTS],
+        repeat: Option<bool>,
+    ) {
+        let mix: f32 = (0..EXPERTS)
+            .filter(|&e| avail[e])
+            .map(|e| skill.w[e] * probs[e])
+            .sum();
+        let mass: f32 = (0..EXPERTS).filter(|&e| avail[e]).map(|e| skill.w[e]).sum();
+        if mix > 0.0 && mass > 0.0 {
+            let mix = mix / mass;
+            let n = avail.iter().filter(|&&a| a).count() as f32;
+            let mut new = [0.0f32; EXPERTS];
+            let mut sum = 0.0;
+            for e in 0..EXPERTS {
+                if avail[e] {
+                    new[e] = skill.w[e] * exp_approx(p.rate * (probs[e] / mix - 1.0));
+                    sum += new[e];
+                }
+            }
+            if sum > 0.0 && sum.is_finite() {
+                for e in 0..EXPERTS {
+                    if avail[e] {
+                        let w = mass * new[e] / sum;
+                        skill.w[e] = (1.0 - p.share) * w + p.share * mass / n;
+                    }
+                }
+            }
+        }
+        if let Some(r) = repeat {
+            let x = if r { 1.0 } else { 0.0 };
+            skill.rho += p.repeat_alpha * (x - skill.rho);
+        }
+    }
+}
+
+impl Model for Blend {
+    fn name(&self) -> &'static str {
+        "blend"
+    }
+
+    fn observe_grouped(
+        &mut self,
+        client: ClientId,
+        group: Option<GroupId>,
+        service: ServiceId,
+        at: Millis,
+    ) {
+        let prior = &self.global;
+        self.core.touch(client, group, at.0, || prior.clone());
+        let Some(c) = self.core.clients.get(&client) else {
+            return;
+        };
+        let first = c.events == 0;
+        let mut stats = [[(0.0f32, 0.0f32); SLOTS]; 3];
+        let mut counts = [[0.0f32; SLOTS]; 3];
+        self.core
+            .learn_with(client, service.0, at.0, |s, slot, pre| {
+                stats[s][slot] = (pre.total, pre.distinct);
+                counts[s][slot] = pre.count;
+            });
+        let ex = Experts::new(&stats, self.core.hi, self.low());
+        let mut probs = [0.0f32; EXPERTS];
+        for (e, p) in probs.iter_mut().enumerate() {
+            *p = ex.w[e].iter().zip(&counts[e / 3]).map(|(w, n)| w * n).sum();
+        }
+        let repeat = (!first).then_some(counts[CLIENT][0] > 0.0);
+        let p = self.params;
+        Self::update_skill(&mut self.global, &p, &probs, &ex.avail, repeat);
+        if let Some(c) = self.core.clients.get_mut(&client) {
+            Self::update_skill(&mut c.ext, &p, &probs, &ex.avail, repeat);
+        }
+    }
+
+    fn predict_into(&self, client: ClientId, at: Millis, k: usize, out: &mut Vec<Prediction>) {
+        out.clear();
+        let Some(c) = self.core.clients.get(&client) else {
+            return;
+        };
+        let v = self.core.view(c);
+        let t = tables(&v);
+        let stats = stats_of(&t);
+        let ex = Experts::new(&stats, self.core.hi, self.low());
+        let skill = if c.events >= self.params.own_after {
+            &c.ext
+        } else {
+            &self.global
+        };
+        let n0 = [stats[CLIENT][0].0, stats[GROUP][0].0, stats[GLOBAL][0].0];
+        let lam = ex.mix(&skill.w, &n0, self.params.trust);
+        let mut cands = Cands::new();
+        for s in [CLIENT, GROUP, GLOBAL] {
+            for (i, d) in t[s].iter().enumerate() {
+                let Some(d) = d else { continue };
+                let w: f32 = (3 * s..3 * s + 3).map(|e| lam[e] * ex.w[e][i]).sum();
+                cands.add_top(d, w, self.params.top);
+            }
+        }
+        if self.params.gate > 0.0 {
+            if let Some(own) = v.d[CLIENT][0] {
+                cands.mark_seen(own);
+                let items = cands.as_mut_slice();
+                let (mut seen, mut new) = (0.0f32, 0.0f32);
+                for it in items.iter() {
+                    if it.seen {
+                        seen += it.score;
+                    } else {
+                        new += it.score;
+                    }
+                }
+                if seen > 0.0 && new > 0.0 {
+                    let rho = c.ext.rho.clamp(0.0, 1.0);
+                    // The gate, too, trusts a client's repeat rate only once it has some history.
+                    let n = c.events as f32;
+                    let g = self.params.gate.min(1.0) * n
+                        / (n + self.params.trust.max(0.0) + f32::MIN_POSITIVE);
+                    let total = seen + new;
+                    for it in items.iter_mut() {
+                        let gated = if it.seen {
+                            rho / seen
+                        } else {
+                            (1.0 - rho) / new
+                        };
+                        it.score *= g * gated * total + (1.0 - g);
+                    }
+                }
+            }
+        }
+        cands.finish(k, c.last_at, at, out);
+    }
+
+    fn forget_client(&mut self, client: ClientId) {
+        self.core.forget_client(client);
+    }
+
+    fn forget_groups(&mut self, groups: &[GroupId]) {
+        self.core.forget_groups(groups);
+    }
+
+    fn forget_services(&mut self, services: &[ServiceId]) {
+        let ids: Vec<u32> = services.iter().map(|s| s.0).collect();
+        self.core.forget_services(&ids);
+    }
+
+    fn memory_bytes(&self) -> usize {
+        self.core.memory_bytes(|_| 0)
+    }
+
+    fn clients(&self) -> usize {
+        self.core.clients.len()
+    }
+}

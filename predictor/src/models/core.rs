@@ -1,0 +1,391 @@
+//! The context-counting engine behind every context model.
+//!
+//! A *context* is a scope (one client, one group, or all clients) plus the client's last `n`
+//! services (`n` = the order, 0..=3). For every event, the engine adds the service to the count
+//! table ([`Dist`]) of each enabled scope × order, then shifts the client's history. Scopes are
+//! keyed by a serial number that is never reused, so when a client or group id is recycled its
+//! old contexts become unreachable and age out of the bounded context table.
+//!
+//! Tables are all [`Bounded`]: clients, groups and contexts each have a cap and are evicted
+//! least-recently-seen first (see `crate::store`).
+
+use serde::{Deserialize, Serialize};
+
+use crate::models::ModelConfig;
+use crate::store::{Bounded, Decay, Dist, Stamped, NONE};
+use crate::{ClientId, GroupId};
+
+/// Scope index: the client's own contexts.
+pub(crate) const CLIENT: usize = 0;
+/// Scope index: contexts pooled over the client's group.
+pub(crate) const GROUP: usize = 1;
+/// Scope index: contexts pooled over all clients.
+pub(crate) const GLOBAL: usize = 2;
+
+/// Highest supported order.
+pub(crate) const MAX_ORDER: usize = 4;
+
+const TAG_CLIENT: u64 = 1 << 62;
+const TAG_GROUP: u64 = 2 << 62;
+const TAG_GLOBAL: u64 = 3 << 62;
+/// Marks the order-2 "bag" context (the last two services, order ignored).
+const BAG: u64 = 1 << 61;
+const SERIAL_MASK: u64 = BAG - 1;
+
+/// Key of one count table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub(crate) struct CtxKey {
+    scope: u64,
+    hist: [u32; MAX_ORDER],
+}
+
+/// Per-client state; `X` is what a particular model adds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct ClientState<X> {
+    pub serial: u64,
+    pub group: Option<GroupId>,
+    /// Most recent first; `NONE` where the client has no history yet.
+    pub hist: [u32; MAX_ORDER],
+    pub last_at: u64,
+    pub events: u32,
+    pub ext: X,
+}
+
+impl<X> Stamped for ClientState<X> {
+    fn last_at(&self) -> u64 {
+        self.last_at
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub(crate) struct GroupState {
+    pub serial: u64,
+    pub last_at: u64,
+    /// Serial of the first client seen in the group.
+    pub first: u64,
+    /// Whether a second client has been seen: until then the group's contexts would only
+    /// duplicate the client's, so they are not counted.
+    pub shared: bool,
+}
+
+/// A table's statistics just before an update (see [`Core::learn_with`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Pre {
+    /// Decayed total count.
+    pub total: f32,
+    /// Distinct successors.
+    pub distinct: f32,
+    /// Count of the service being learned.
+    pub count: f32,
+}
+
+/// Slot of the bag context in per-scope arrays indexed by order.
+pub(crate) const BAG_SLOT: usize = MAX_ORDER + 1;
+
+impl Stamped for GroupState {
+    fn last_at(&self) -> u64 {
+        self.last_at
+    }
+}
+
+/// The count tables of a client's current context: `d[scope][order]`.
+pub(crate) struct View<'a> {
+    pub d: [[Option<&'a Dist>; MAX_ORDER + 1]; 3],
+    /// The bag context of each scope, if the engine counts bags.
+    pub bag: [Option<&'a Dist>; 3],
+}
+
+/// Serialized form of a [`Core`], entries sorted by key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct CoreState<X> {
+    next_serial: u64,
+    clients: Vec<(ClientId, ClientState<X>)>,
+    groups: Vec<(GroupId, GroupState)>,
+    ctx: Vec<(CtxKey, Dist)>,
+}
+
+/// The engine: which scopes and orders are counted, and the bounded tables.
+#[derive(Debug, Clone)]
+pub(crate) struct Core<X> {
+    pub decay: Decay,
+    pub scopes: [bool; 3],
+    pub lo: usize,
+    pub hi: usize,
+    /// Whether the unordered last-two context is counted too.
+    pub bag: bool,
+    pub clients: Bounded<ClientId, ClientState<X>>,
+    pub groups: Bounded<GroupId, GroupState>,
+    pub ctx: Bounded<CtxKey, Dist>,
+    next_serial: u64,
+    ttl_ms: u64,
+}
+
+impl<X: Clone> Core<X> {
+    /// An engine counting orders `lo..=hi` (clamped to `MAX_ORDER`) in the enabled scopes.
+    pub fn new(cfg: &ModelConfig, scopes: [bool; 3], lo: usize, hi: usize) -> Self {
+        let hi = hi.min(MAX_ORDER);
+        Self {
+            decay: Decay {
+                half_life_ms: cfg.half_life_ms.max(1) as f64,
+                max_entries: cfg.max_entries.max(1),
+            },
+            scopes,
+            lo: lo.min(hi),
+            hi,
+            bag: false,
+            clients: Bounded::new(cfg.max_clients, cfg.idle_ttl_ms),
+            groups: Bounded::new(cfg.max_groups, cfg.idle_ttl_ms),
+            ctx: Bounded::new(cfg.max_contexts, cfg.idle_ttl_ms),
+            next_serial: 1,
+            ttl_ms: cfg.idle_ttl_ms,
+        }
+    }
+
+    fn serial(&mut self) -> u64 {
+        let s = self.next_serial;
+        self.next_serial = (self.next_serial + 1) & SERIAL_MASK;
+        s
+    }
+
+    /// Makes sure `client` (and its group, if given) exist; `make` builds a new client's
+    /// extension. Returns whether the client is new.
+    pub fn touch(
+        &mut self,
+        client: ClientId,
+        group: Option<GroupId>,
+        at: u64,
+        make: impl FnOnce() -> X,
+    ) -> bool {
+        let serial = self.serial();
+        let (c, created) = self.clients.upsert(client, at, || ClientState {
+            serial,
+            group: None,
+            hist: [NONE; MAX_ORDER],
+            last_at: at,
+            events: 0,
+            ext: make(),
+        });
+        if group.is_some() {
+            c.group = group;
+        }
+        let (group, member) = (c.group, c.serial);
+        if let Some(g) = group {
+            if self.scopes[GROUP] {
+                let serial = self.serial();
+                let (gs, _) = self.groups.upsert(g, at, || GroupState {
+                    serial,
+                    last_at: at,
+                    first: member,
+                    shared: false,
+                });
+                gs.last_at = gs.last_at.max(at);
+                gs.shared |= gs.first != member;
+            }
+        }
+        created
+    }
+
+    fn scope_ids(&self, c: &ClientState<X>) -> [Option<u64>; 3] {
+        let group = if self.scopes[GROUP] {
+            c.group
+                .and_then(|g| self.groups.get(&g))
+                .filter(|g| g.shared)
+                .map(|g| TAG_GROUP | g.serial)
+        } else {
+            None
+        };
+        [
+            self.scopes[CLIENT].then_some(TAG_CLIENT | c.serial),
+            group,
+            self.scopes[GLOBAL].then_some(TAG_GLOBAL),
+        ]
+    }
+
+    #[inline]
+    fn key(scope: u64, hist: &[u32; MAX_ORDER], order: usize) -> Option<CtxKey> {
+        if order > 0 && hist[order - 1] == NONE {
+            return None;
+        }
+        let mut h = [NONE; MAX_ORDER];
+        h[..order].copy_from_slice(&hist[..order]);
+        Some(CtxKey { scope, hist: h })
+    }
+
+    #[inline]
+    fn bag_key(scope: u64, hist: &[u32; MAX_ORDER]) -> Option<CtxKey> {
+        if hist[1] == NONE {
+            return None;
+        }
+        let mut h = [NONE; MAX_ORDER];
+        h[0] = hist[0].min(hist[1]);
+        h[1] = hist[0].max(hist[1]);
+        Some(CtxKey {
+            scope: scope | BAG,
+            hist: h,
+        })
+    }
+
+    /// The count tables of `c`'s current context.
+    pub fn view(&self, c: &ClientState<X>) -> View<'_> {
+        let mut d = [[None; MAX_ORDER + 1]; 3];
+        let mut bag = [None; 3];
+        for (scope, id) in self.scope_ids(c).into_iter().enumerate() {
+            let Some(id) = id else { continue };
+            if self.bag {
+                bag[scope] = Self::bag_key(id, &c.hist).and_then(|k| self.ctx.get(&k));
+            }
+            for (order, slot) in d[scope]
+                .iter_mut()
+                .enumerate()
+                .take(self.hi + 1)
+                .skip(self.lo)
+            {
+                if let Some(key) = Self::key(id, &c.hist, order) {
+                    *slot = self.ctx.get(&key);
+                }
+            }
+        }
+        View { d, bag }
+    }
+
+    /// Counts `service` in every context of `client` (which must have been touched), then
+    /// shifts its history.
+    pub fn learn(&mut self, client: ClientId, service: u32, at: u64) {
+        self.learn_with(client, service, at, |_, _, _| {});
+    }
+
+    /// Like [`Core::learn`], first telling `pre(scope, slot, stats)` each table's statistics
+    /// before the update (`slot` = order, or [`BAG_SLOT`]). One hash lookup per table.
+    pub fn learn_with(
+        &mut self,
+        client: ClientId,
+        service: u32,
+        at: u64,
+        mut pre: impl FnMut(usize, usize, Pre),
+    ) {
+        let Some(c) = self.clients.get(&client) else {
+            return;
+        };
+        let ids = self.scope_ids(c);
+        let hist = c.hist;
+        let delay = if c.events > 0 {
+            at.saturating_sub(c.last_at) as f32
+        } else {
+            0.0
+        };
+        for (scope, id) in ids.into_iter().enumerate() {
+            let Some(id) = id else { continue };
+            let bag = if self.bag {
+                Self::bag_key(id, &hist)
+            } else {
+                None
+            };
+            let keys = (self.lo..=self.hi)
+                .map(|order| (order, Self::key(id, &hist, order)))
+                .chain([(BAG_SLOT, bag)]);
+            for (slot, key) in keys {
+                if let Some(key) = key {
+                    let (dist, _) = self.ctx.upsert(key, at, Dist::default);
+                    pre(
+                        scope,
+                        slot,
+                        Pre {
+                            total: dist.total,
+                            distinct: dist.entries.len() as f32,
+                            count: dist.count(service),
+                        },
+                    );
+                    dist.observe(service, at, delay, &self.decay);
+                }
+            }
+        }
+        if let Some(c) = self.clients.get_mut(&client) {
+            c.hist.rotate_right(1);
+            c.hist[0] = service;
+            c.last_at = c.last_at.max(at);
+            c.events = c.events.saturating_add(1);
+        }
+    }
+
+    pub fn forget_client(&mut self, client: ClientId) {
+        self.clients.remove(&client);
+    }
+
+    pub fn forget_groups(&mut self, groups: &[GroupId]) {
+        if groups.is_empty() {
+            return;
+        }
+        let mut sorted = groups.to_vec();
+        sorted.sort_unstable();
+        for g in &sorted {
+            self.groups.remove(g);
+        }
+        for c in self.clients.values_mut() {
+            if c.group.is_some_and(|g| sorted.binary_search(&g).is_ok()) {
+                c.group = None;
+            }
+        }
+    }
+
+    /// Drops counts of the given services and histories that mention them.
+    pub fn forget_services(&mut self, services: &[u32]) {
+        if services.is_empty() {
+            return;
+        }
+        let mut sorted = services.to_vec();
+        sorted.sort_unstable();
+        let gone = |s: u32| sorted.binary_search(&s).is_ok();
+        for d in self.ctx.values_mut() {
+            d.retain_services(&gone);
+        }
+        for c in self.clients.values_mut() {
+            if c.hist.iter().any(|&h| gone(h)) {
+                c.hist = [NONE; MAX_ORDER];
+            }
+        }
+    }
+
+    pub fn memory_bytes(&self, ext_heap: impl Fn(&X) -> usize) -> usize {
+        self.clients.bytes(|c| ext_heap(&c.ext))
+            + self.groups.bytes(|_| 0)
+            + self.ctx.bytes(Dist::heap_bytes)
+    }
+
+    pub fn state(&self) -> CoreState<X> {
+        CoreState {
+            next_serial: self.next_serial,
+            clients: self
+                .clients
+                .sorted()
+                .into_iter()
+                .map(|(k, v)| (k, v.clone()))
+                .collect(),
+            groups: self
+                .groups
+                .sorted()
+                .into_iter()
+                .map(|(k, v)| (k, *v))
+                .collect(),
+            ctx: self
+                .ctx
+                .sorted()
+                .into_iter()
+                .map(|(k, v)| (k, v.clone()))
+                .collect(),
+        }
+    }
+
+    /// Restores tables from a snapshot into an engine built with the same configuration.
+    pub fn restore(&mut self, s: CoreState<X>) {
+        let ttl = self.ttl_ms;
+        self.next_serial = s.next_serial.max(1) & SERIAL_MASK;
+        self.clients = Bounded::from_entries(self.clients.cap(), ttl, s.clients);
+        self.groups = Bounded::from_entries(self.groups.cap(), ttl, s.groups);
+        let max_entries = self.decay.max_entries;
+        let mut ctx = s.ctx;
+        for (_, d) in &mut ctx {
+            d.entries.truncate(max_entries);
+        }
+        self.ctx = Bounded::from_entries(self.ctx.cap(), ttl, ctx);
+    }
+}
