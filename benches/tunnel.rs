@@ -40,7 +40,8 @@ async fn sink_server() -> SocketAddr {
     addr
 }
 
-/// A raw quinn server with meshd's TLS config: echoes each stream (64 B) or sinks it.
+/// A raw quinn server with meshd's TLS config. Each stream starts with a mode byte:
+/// `e` echoes the stream back as it arrives, `s` sinks it and answers with the byte count.
 async fn raw_quinn_pair(
     ca: &overlay::identity::CaMaterial,
 ) -> (quinn::Endpoint, quinn::Connection) {
@@ -59,18 +60,21 @@ async fn raw_quinn_pair(
                 let Ok(conn) = inc.await else { return };
                 while let Ok((mut send, mut recv)) = conn.accept_bi().await {
                     tokio::spawn(async move {
+                        let mut mode = [0u8; 1];
+                        if recv.read_exact(&mut mode).await.is_err() {
+                            return;
+                        }
                         let mut buf = vec![0u8; 256 * 1024];
                         let mut n = 0u64;
-                        let mut first = Vec::new();
                         while let Ok(Some(k)) = recv.read(&mut buf).await {
-                            if n < 64 {
-                                first.extend_from_slice(&buf[..k.min(64)]);
+                            if mode[0] == b'e' {
+                                if send.write_all(&buf[..k]).await.is_err() {
+                                    return;
+                                }
                             }
                             n += k as u64;
                         }
-                        if n == 64 {
-                            let _ = send.write_all(&first).await; // echo small requests
-                        } else {
+                        if mode[0] == b's' {
                             let _ = send.write_all(&n.to_be_bytes()).await;
                         }
                         let _ = send.finish();
@@ -98,6 +102,7 @@ async fn tcp_rr(addr: SocketAddr, req: &[u8]) {
 
 async fn quinn_rr(conn: &quinn::Connection, req: &[u8]) {
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(b"e").await.unwrap();
     send.write_all(req).await.unwrap();
     send.finish().unwrap();
     let mut back = [0u8; 64];
@@ -115,6 +120,7 @@ async fn tcp_bulk(addr: SocketAddr, data: &[u8]) {
 
 async fn quinn_bulk(conn: &quinn::Connection, data: &[u8]) {
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(b"s").await.unwrap();
     send.write_all(data).await.unwrap();
     send.finish().unwrap();
     let mut n = [0u8; 8];
@@ -208,6 +214,50 @@ fn benches(c: &mut Criterion) {
                 let t = Instant::now();
                 for _ in 0..iters {
                     quinn_rr(&s.raw, &req).await;
+                }
+                t.elapsed()
+            })
+        })
+    });
+    g.finish();
+
+    // Steady state: 64 B ping-pong on one established connection (TCP through the tunnel, a
+    // direct TCP connection, one raw quinn stream).
+    let mut g = c.benchmark_group("ping_pong_64B_established");
+    g.sample_size(30).measurement_time(Duration::from_secs(4));
+    for (name, addr) in [("direct_tcp", s.echo), ("meshd_tunnel", s.tunnel_echo)] {
+        let mut conn = rt.block_on(async {
+            let c = TcpStream::connect(addr).await.unwrap();
+            c.set_nodelay(true).unwrap();
+            c
+        });
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let mut back = [0u8; 64];
+                    let t = Instant::now();
+                    for _ in 0..iters {
+                        conn.write_all(&req).await.unwrap();
+                        conn.read_exact(&mut back).await.unwrap();
+                    }
+                    t.elapsed()
+                })
+            })
+        });
+    }
+    let (mut send, mut recv) = rt.block_on(async {
+        let (mut send, recv) = s.raw.open_bi().await.unwrap();
+        send.write_all(b"e").await.unwrap();
+        (send, recv)
+    });
+    g.bench_function("raw_quinn_stream", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let mut back = [0u8; 64];
+                let t = Instant::now();
+                for _ in 0..iters {
+                    send.write_all(&req).await.unwrap();
+                    recv.read_exact(&mut back).await.unwrap();
                 }
                 t.elapsed()
             })
