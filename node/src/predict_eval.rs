@@ -40,6 +40,13 @@ pub struct EvalArgs {
     /// Budgets of warm services per client for the budget view.
     #[arg(long, value_delimiter = ',', default_values_t = vec![1, 2, 3, 5])]
     pub budgets: Vec<usize>,
+    /// Horizon of the second budget view (ranking by probability of use within it), ms.
+    #[arg(long, default_value_t = eval::DEFAULT_HORIZON_MS)]
+    pub horizon_ms: u64,
+    /// Time a warm-up takes in the budget views, ms (a service is warm only this long after it
+    /// enters the set; 0 = instantly).
+    #[arg(long, default_value_t = 0)]
+    pub warmup_ms: u64,
 }
 
 /// The models named in `names`, or all models (shipped last) if none.
@@ -78,6 +85,8 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
     let cfg = EvalConfig {
         k: args.k,
         budgets: args.budgets.clone(),
+        horizon_ms: args.horizon_ms,
+        warmup_ms: args.warmup_ms,
         ..EvalConfig::default()
     };
     let on_error = if args.strict {
@@ -179,35 +188,46 @@ fn write_tables(
             ns
         )?;
     }
-    writeln!(
-        out,
-        "  budget view (warm services per client): hit rate / warm-ups per event / waste"
-    )?;
-    if let Some((first, _)) = rows.first() {
+    let Some((first, _)) = rows.first() else {
+        return writeln!(out);
+    };
+    let views: [(String, BudgetOf); 2] = [
+        ("next-request ranking".to_owned(), |r| &r.budget),
+        (
+            format!("ranking by use within {} ms", first.horizon_ms),
+            |r| &r.horizon_budget,
+        ),
+    ];
+    for (view, budget) in views {
+        writeln!(
+            out,
+            "  budget view, {view} (warm services per client, warm-up {} ms): hit rate / warm-ups per event / waste",
+            first.warmup_ms
+        )?;
         write!(out, "  {:<10}", "model")?;
-        for b in &first.budget {
+        for b in budget(first) {
             write!(out, " {:>22}", format!("B={}", b.budget))?;
         }
         writeln!(out)?;
-    }
-    for (r, _) in rows {
-        let model = if r.shipped {
-            format!("{}*", r.model)
-        } else {
-            r.model.clone()
-        };
-        write!(out, "  {model:<10}")?;
-        for b in &r.budget {
-            write!(
-                out,
-                " {:>22}",
-                format!(
-                    "{:.3} / {:.3} / {:.2}",
-                    b.hit_rate, b.warmups_per_event, b.waste
-                )
-            )?;
+        for (r, _) in rows {
+            let model = if r.shipped {
+                format!("{}*", r.model)
+            } else {
+                r.model.clone()
+            };
+            write!(out, "  {model:<10}")?;
+            for b in budget(r) {
+                write!(
+                    out,
+                    " {:>22}",
+                    format!(
+                        "{:.3} / {:.3} / {:.2}",
+                        b.hit_rate, b.warmups_per_event, b.waste
+                    )
+                )?;
+            }
+            writeln!(out)?;
         }
-        writeln!(out)?;
     }
     writeln!(
         out,
@@ -215,6 +235,9 @@ fn write_tables(
     )?;
     writeln!(out)
 }
+
+/// Which budget view of a row to print.
+type BudgetOf = fn(&EvalRow) -> &[eval::BudgetRow];
 
 fn human_bytes(b: u64) -> String {
     if b >= 10 << 20 {

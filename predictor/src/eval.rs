@@ -22,6 +22,10 @@ use crate::models::{Model, ModelConfig, ModelKind};
 use crate::trace::Event;
 use crate::{ClientId, GroupId, GroupRule, Millis, Prediction, ServiceId};
 
+/// Default horizon of the horizon budget view (ms): about what a pre-authenticated connection
+/// is worth keeping warm for ahead of use.
+pub const DEFAULT_HORIZON_MS: u64 = 1000;
+
 /// Evaluation settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EvalConfig {
@@ -29,6 +33,11 @@ pub struct EvalConfig {
     pub k: usize,
     /// Budgets of warm services per client for the budget view.
     pub budgets: Vec<usize>,
+    /// Time a warm-up takes, ms: a service entering a warm set at `t` only counts as warm from
+    /// `t + warmup_ms` on (0 = instantly, the default).
+    pub warmup_ms: u64,
+    /// Horizon of the second budget view, ranked by [`Model::predict_within_into`], ms.
+    pub horizon_ms: u64,
     /// Share of events, at the end, reported separately as the tail (0.3).
     pub tail_share: f64,
     /// Memory and decay settings of every model.
@@ -42,6 +51,8 @@ impl Default for EvalConfig {
         Self {
             k: 3,
             budgets: vec![1, 2, 3, 5],
+            horizon_ms: DEFAULT_HORIZON_MS,
+            warmup_ms: 0,
             tail_share: 0.3,
             model: ModelConfig::default(),
             groups: GroupRule::default(),
@@ -97,8 +108,15 @@ pub struct EvalRow {
     pub memory_bytes: u64,
     /// Clients tracked at the end.
     pub clients: u64,
-    /// The budget view.
+    /// The budget view, warm sets = top B of the next-request ranking.
     pub budget: Vec<BudgetRow>,
+    /// The warm-up time used in both budget views, ms.
+    pub warmup_ms: u64,
+    /// The horizon used for `horizon_budget`, ms.
+    pub horizon_ms: u64,
+    /// The budget view with warm sets = top B of the within-horizon ranking
+    /// ([`Model::predict_within_into`]; the same as `budget` for models without one).
+    pub horizon_budget: Vec<BudgetRow>,
 }
 
 /// A trace interned and sorted once, then replayed through any number of models.
@@ -210,16 +228,19 @@ impl Hits {
 /// Warm sets of every client for one budget.
 struct BudgetSim {
     budget: usize,
-    warm: FxHashMap<ClientId, Vec<(ServiceId, bool)>>,
+    warmup_ms: u64,
+    /// Per client: (service, used since it entered, warm from).
+    warm: FxHashMap<ClientId, Vec<(ServiceId, bool, u64)>>,
     hits: u64,
     warmups: u64,
     wasted: u64,
 }
 
 impl BudgetSim {
-    fn new(budget: usize) -> Self {
+    fn new(budget: usize, warmup_ms: u64) -> Self {
         Self {
             budget,
+            warmup_ms,
             warm: FxHashMap::default(),
             hits: 0,
             warmups: 0,
@@ -227,10 +248,10 @@ impl BudgetSim {
         }
     }
 
-    fn step(&mut self, client: ClientId, preds: &[Prediction], service: ServiceId) {
+    fn step(&mut self, client: ClientId, at: Millis, preds: &[Prediction], service: ServiceId) {
         let top = &preds[..preds.len().min(self.budget)];
         let set = self.warm.entry(client).or_default();
-        set.retain(|&(s, used)| {
+        set.retain(|&(s, used, _)| {
             let keep = top.iter().any(|p| p.service == s);
             if !keep && !used {
                 self.wasted += 1;
@@ -238,14 +259,16 @@ impl BudgetSim {
             keep
         });
         for p in top {
-            if !set.iter().any(|&(s, _)| s == p.service) {
-                set.push((p.service, false));
+            if !set.iter().any(|&(s, _, _)| s == p.service) {
+                set.push((p.service, false, at.0.saturating_add(self.warmup_ms)));
                 self.warmups += 1;
             }
         }
-        if let Some(e) = set.iter_mut().find(|(s, _)| *s == service) {
-            e.1 = true;
-            self.hits += 1;
+        if let Some(e) = set.iter_mut().find(|(s, _, _)| *s == service) {
+            if e.2 <= at.0 {
+                e.1 = true;
+                self.hits += 1;
+            }
         }
     }
 
@@ -254,7 +277,7 @@ impl BudgetSim {
             .warm
             .values()
             .flatten()
-            .filter(|(_, used)| !used)
+            .filter(|(_, used, _)| !used)
             .count() as u64;
         BudgetRow {
             budget: self.budget,
@@ -284,9 +307,13 @@ pub fn evaluate_model(
     let n = trace.events.len();
     let tail_start = n - ((n as f64 * cfg.tail_share.clamp(0.0, 1.0)).round() as usize).min(n);
     let (mut all, mut tail) = (Hits::default(), Hits::default());
-    let mut sims: Vec<BudgetSim> = cfg.budgets.iter().map(|&b| BudgetSim::new(b)).collect();
+    let sim = |&b: &usize| BudgetSim::new(b, cfg.warmup_ms);
+    let mut sims: Vec<BudgetSim> = cfg.budgets.iter().map(sim).collect();
+    let mut horizon_sims: Vec<BudgetSim> = cfg.budgets.iter().map(sim).collect();
+    let budget_depth = cfg.budgets.iter().copied().max().unwrap_or(0);
     let mut issued = 0u64;
     let mut preds = Vec::with_capacity(depth);
+    let mut within = Vec::with_capacity(budget_depth);
     for (i, &(at, client, group, service)) in trace.events.iter().enumerate() {
         model.predict_into(client, at, depth, &mut preds);
         issued += preds.len().min(k) as u64;
@@ -295,7 +322,13 @@ pub fn evaluate_model(
             tail.add(&preds, service, k);
         }
         for sim in &mut sims {
-            sim.step(client, &preds, service);
+            sim.step(client, at, &preds, service);
+        }
+        if budget_depth > 0 {
+            model.predict_within_into(client, at, cfg.horizon_ms, budget_depth, &mut within);
+            for sim in &mut horizon_sims {
+                sim.step(client, at, &within, service);
+            }
         }
         model.observe_grouped(client, group, service, at);
     }
@@ -317,5 +350,8 @@ pub fn evaluate_model(
         memory_bytes: model.memory_bytes() as u64,
         clients: model.clients() as u64,
         budget: sims.into_iter().map(|s| s.finish(all.n)).collect(),
+        warmup_ms: cfg.warmup_ms,
+        horizon_ms: cfg.horizon_ms,
+        horizon_budget: horizon_sims.into_iter().map(|s| s.finish(all.n)).collect(),
     }
 }

@@ -21,8 +21,9 @@ use crate::models::blend::{BlendParams, BlendState};
 use crate::models::{Blend, Model, ModelConfig};
 use crate::{ClientId, GroupId, GroupRule, Millis, Prediction, ServiceId};
 
-/// Version written into snapshots; restoring any other version fails.
-pub const SNAPSHOT_VERSION: u32 = 1;
+/// Version written into snapshots; restoring any other version fails. (2: per-client use
+/// timing for the horizon ranking.)
+pub const SNAPSHOT_VERSION: u32 = 2;
 
 /// Everything configurable about the [`Predictor`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -153,6 +154,56 @@ impl Predictor {
         let mut preds = std::mem::take(&mut self.preds);
         self.model
             .predict_into(ClientId(cid), Millis(at_ms), k, &mut preds);
+        for p in &preds {
+            if let Some(name) = self.services.name(p.service.0) {
+                f(name, p.probability, p.expected_in_ms);
+            }
+        }
+        self.preds = preds;
+    }
+
+    /// The top `k` services for `client` by probability of use within `horizon_ms` of `at_ms`
+    /// (see [`Model::predict_within_into`]): `(service, probability, expected_in_ms)`, best
+    /// first. What a warm set kept for `horizon_ms` should hold.
+    pub fn predict_within_named(
+        &self,
+        client: &str,
+        at_ms: u64,
+        horizon_ms: u64,
+        k: usize,
+    ) -> Vec<(String, f64, u64)> {
+        let Some(cid) = self.clients.id(client) else {
+            return Vec::new();
+        };
+        self.model
+            .predict_within(ClientId(cid), Millis(at_ms), horizon_ms, k)
+            .into_iter()
+            .filter_map(|p| {
+                Some((
+                    self.services.name(p.service.0)?.to_owned(),
+                    p.probability,
+                    p.expected_in_ms,
+                ))
+            })
+            .collect()
+    }
+
+    /// Like [`Predictor::predict_within_named`] but calls `f(service, probability,
+    /// expected_in_ms)` for each prediction instead of allocating strings.
+    pub fn predict_within_each(
+        &mut self,
+        client: &str,
+        at_ms: u64,
+        horizon_ms: u64,
+        k: usize,
+        mut f: impl FnMut(&str, f64, u64),
+    ) {
+        let Some(cid) = self.clients.id(client) else {
+            return;
+        };
+        let mut preds = std::mem::take(&mut self.preds);
+        self.model
+            .predict_within_into(ClientId(cid), Millis(at_ms), horizon_ms, k, &mut preds);
         for p in &preds {
             if let Some(name) = self.services.name(p.service.0) {
                 f(name, p.probability, p.expected_in_ms);

@@ -20,6 +20,9 @@ use crate::hash::FxHashMap;
 /// Marker for "no service" in a context history.
 pub(crate) const NONE: u32 = u32::MAX;
 
+/// "No slot" for [`Slab`] handles and [`Entry::child`] links.
+pub(crate) const NO_SLOT: u32 = u32::MAX;
+
 /// One counted successor of a context.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub(crate) struct Entry {
@@ -29,6 +32,15 @@ pub(crate) struct Entry {
     pub count: f32,
     /// Moving average of the time from the context's last event to this service, ms.
     pub delay_ms: f32,
+    /// Accelerator, not state (never serialized): [`Slab`] slot of the context one order
+    /// longer that this service leads to, [`NO_SLOT`] if not known. Only a hint: whoever follows
+    /// it checks that the slot still holds the expected key.
+    #[serde(skip, default = "no_slot")]
+    pub child: u32,
+}
+
+fn no_slot() -> u32 {
+    NO_SLOT
 }
 
 /// Decayed successor counts of one context.
@@ -72,7 +84,8 @@ pub(crate) fn exp2_neg(x: f32) -> f32 {
     }
     let x = x.max(0.0);
     // 2^-x = 2^-(n + f) = 2^-n * 2^-f with n integer, f in [0, 1); 2^-f by a cubic fit.
-    let n = x.floor();
+    // `x` is in 0..126 here, so truncation is the floor (and avoids a libm call).
+    let n = (x as i32) as f32;
     let f = x - n;
     let frac = 1.0 + f * (-std::f32::consts::LN_2 + f * (0.237_804 + f * -0.044_657));
     // `n` is in 0..126, so the exponent field 127 - n stays in 1..=127: a normal f32.
@@ -100,7 +113,10 @@ const TINY: f32 = 1e-20;
 
 impl Dist {
     /// Adds one occurrence of `service` at `at`, `delay_ms` after the context's last event.
-    pub fn observe(&mut self, service: u32, at: u64, delay_ms: f32, decay: &Decay) {
+    /// Returns the service's count just before (not decayed) and its position afterwards.
+    pub fn observe(&mut self, service: u32, at: u64, delay_ms: f32, decay: &Decay) -> (f32, usize) {
+        let found = self.entries.iter().position(|e| e.service == service);
+        let before = found.map_or(0.0, |i| self.entries[i].count);
         let f = decay.factor(at.saturating_sub(self.last_at));
         if f < 1.0 {
             for e in &mut self.entries {
@@ -114,7 +130,8 @@ impl Dist {
         }
         self.last_at = self.last_at.max(at);
         self.total += 1.0;
-        let mut i = match self.entries.iter().position(|e| e.service == service) {
+        let found = found.filter(|_| !self.entries.is_empty());
+        let mut i = match found {
             Some(i) => {
                 let e = &mut self.entries[i];
                 e.count += 1.0;
@@ -126,6 +143,7 @@ impl Dist {
                     service,
                     count: 1.0,
                     delay_ms,
+                    child: NO_SLOT,
                 };
                 if self.entries.len() >= decay.max_entries.max(1) {
                     let last = self.entries.len() - 1;
@@ -141,9 +159,11 @@ impl Dist {
             self.entries.swap(i - 1, i);
             i -= 1;
         }
+        (before, i)
     }
 
     /// Count of `service` (not decayed to any particular time).
+    #[cfg(test)]
     pub fn count(&self, service: u32) -> f32 {
         self.entries
             .iter()
@@ -273,6 +293,215 @@ impl<K: Copy + Eq + Hash + Ord, V: Stamped> Bounded<K, V> {
     }
 }
 
+/// One slot of a [`Slab`].
+#[derive(Debug, Clone)]
+struct Slot<K, V> {
+    key: K,
+    live: bool,
+    value: V,
+}
+
+/// A [`Bounded`] table whose values live in a slab, so that callers can keep a value's slot
+/// number as a handle and skip the hash lookup next time. A handle is only a hint: [`Slab::holds`]
+/// checks that the slot still holds the expected key (slots are reused after eviction).
+///
+/// Same cap, TTL and eviction policy as [`Bounded`] (the evicted set does not depend on slot
+/// order); slots are allocated from a free list, so the same operations give the same slots.
+#[derive(Debug, Clone)]
+pub(crate) struct Slab<K, V> {
+    index: FxHashMap<K, u32>,
+    slots: Vec<Slot<K, V>>,
+    free: Vec<u32>,
+    cap: usize,
+    ttl_ms: u64,
+}
+
+impl<K: Copy + Eq + Hash + Ord, V: Stamped + Default> Slab<K, V> {
+    pub fn new(cap: usize, ttl_ms: u64) -> Self {
+        Self {
+            index: FxHashMap::default(),
+            slots: Vec::new(),
+            free: Vec::new(),
+            // Slot numbers are u32 with `NO_SLOT` reserved.
+            cap: cap.clamp(4, NO_SLOT as usize - 1),
+            ttl_ms,
+        }
+    }
+
+    /// The slot holding `key`, if any (one hash lookup).
+    #[inline]
+    pub fn slot_of(&self, key: &K) -> Option<u32> {
+        self.index.get(key).copied()
+    }
+
+    /// Whether `slot` holds `key` (no hash lookup).
+    #[inline]
+    pub fn holds(&self, slot: u32, key: &K) -> bool {
+        self.slots
+            .get(slot as usize)
+            .is_some_and(|s| s.live && s.key == *key)
+    }
+
+    /// `hint` if it holds `key`, else the slot found by a hash lookup.
+    #[inline]
+    pub fn resolve(&self, hint: u32, key: &K) -> Option<u32> {
+        if self.holds(hint, key) {
+            Some(hint)
+        } else {
+            self.slot_of(key)
+        }
+    }
+
+    /// The value in `slot`, if live.
+    #[inline]
+    pub fn at(&self, slot: u32) -> Option<&V> {
+        self.slots
+            .get(slot as usize)
+            .filter(|s| s.live)
+            .map(|s| &s.value)
+    }
+
+    /// The value in `slot`, if live.
+    #[inline]
+    pub fn at_mut(&mut self, slot: u32) -> Option<&mut V> {
+        self.slots
+            .get_mut(slot as usize)
+            .filter(|s| s.live)
+            .map(|s| &mut s.value)
+    }
+
+    pub fn cap(&self) -> usize {
+        self.cap
+    }
+
+    /// The slot of `key`, created (evicting first if the table is full) with a default value if
+    /// new. Returns whether it was created.
+    pub fn upsert(&mut self, key: K, now: u64) -> (u32, bool) {
+        if let Some(&slot) = self.index.get(&key) {
+            return (slot, false);
+        }
+        if self.index.len() >= self.cap {
+            self.evict(now);
+        }
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                let s = &mut self.slots[slot as usize];
+                s.key = key;
+                s.live = true;
+                slot
+            }
+            None => {
+                self.slots.push(Slot {
+                    key,
+                    live: true,
+                    value: V::default(),
+                });
+                // The cap keeps the slot count below `NO_SLOT`.
+                (self.slots.len() - 1) as u32
+            }
+        };
+        self.index.insert(key, slot);
+        (slot, true)
+    }
+
+    fn vacate(&mut self, slot: u32) {
+        let s = &mut self.slots[slot as usize];
+        if s.live {
+            s.live = false;
+            s.value = V::default();
+            self.index.remove(&s.key);
+            self.free.push(slot);
+        }
+    }
+
+    /// Batch eviction: idle values first, then the least recently seen down to 3/4 of the cap
+    /// (the same policy as [`Bounded::evict`]).
+    pub fn evict(&mut self, now: u64) {
+        let ttl = self.ttl_ms;
+        let idle: Vec<u32> = (0..self.slots.len() as u32)
+            .filter(|&i| {
+                let s = &self.slots[i as usize];
+                s.live && now.saturating_sub(s.value.last_at()) > ttl
+            })
+            .collect();
+        for slot in idle {
+            self.vacate(slot);
+        }
+        let low = self.cap - self.cap / 4;
+        if self.index.len() > low {
+            let mut ages: Vec<(u64, K, u32)> = (0..self.slots.len() as u32)
+                .filter_map(|i| {
+                    let s = &self.slots[i as usize];
+                    s.live.then(|| (s.value.last_at(), s.key, i))
+                })
+                .collect();
+            let excess = self.index.len() - low;
+            // (last_at, key) pairs are distinct: the `excess` smallest are one well-defined set.
+            ages.select_nth_unstable(excess - 1);
+            let mut gone: Vec<u32> = ages[..excess].iter().map(|a| a.2).collect();
+            // Free slots in a canonical order, so later allocations do not depend on selection.
+            gone.sort_unstable();
+            for slot in gone {
+                self.vacate(slot);
+            }
+        }
+    }
+
+    pub fn values_mut(&mut self) -> impl Iterator<Item = &mut V> {
+        self.slots
+            .iter_mut()
+            .filter(|s| s.live)
+            .map(|s| &mut s.value)
+    }
+
+    /// Entries sorted by key, for canonical snapshots.
+    pub fn sorted(&self) -> Vec<(K, &V)> {
+        let mut v: Vec<(K, &V)> = self
+            .slots
+            .iter()
+            .filter(|s| s.live)
+            .map(|s| (s.key, &s.value))
+            .collect();
+        v.sort_unstable_by_key(|e| e.0);
+        v
+    }
+
+    /// Rebuilds from snapshot entries, keeping at most `cap` of them (a repeated key keeps its
+    /// last value, as [`Bounded::from_entries`]).
+    pub fn from_entries(cap: usize, ttl_ms: u64, entries: Vec<(K, V)>) -> Self {
+        let mut b = Self::new(cap, ttl_ms);
+        let n = entries.len().min(b.cap);
+        b.index.reserve(n);
+        b.slots.reserve(n);
+        for (k, v) in entries.into_iter().take(b.cap) {
+            if let Some(&slot) = b.index.get(&k) {
+                b.slots[slot as usize].value = v;
+                continue;
+            }
+            b.index.insert(k, b.slots.len() as u32);
+            b.slots.push(Slot {
+                key: k,
+                live: true,
+                value: v,
+            });
+        }
+        b
+    }
+
+    /// Approximate bytes held: index and slots plus whatever `heap` says each value owns.
+    pub fn bytes(&self, heap: impl Fn(&V) -> usize) -> usize {
+        self.index.capacity() * (std::mem::size_of::<(K, u32)>() + 1)
+            + self.slots.capacity() * std::mem::size_of::<Slot<K, V>>()
+            + self.free.capacity() * 4
+            + self
+                .slots
+                .iter()
+                .filter(|s| s.live)
+                .map(|s| heap(&s.value))
+                .sum::<usize>()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -349,5 +578,28 @@ mod tests {
         }
         assert!(b.get(&9_999).is_some());
         assert!(b.get(&0).is_none());
+    }
+
+    #[test]
+    fn slab_handles_are_checked_and_slots_reused() {
+        let mut s: Slab<u32, u64> = Slab::new(8, u64::MAX);
+        let mut handles = Vec::new();
+        for i in 0..100u32 {
+            let (slot, created) = s.upsert(i, u64::from(i));
+            assert!(created);
+            *s.at_mut(slot).expect("live") = u64::from(i);
+            handles.push(slot);
+            assert!(s.index.len() <= 8);
+            assert_eq!(s.upsert(i, u64::from(i)), (slot, false));
+        }
+        // Old handles are either still right or detected as stale.
+        for (i, &h) in handles.iter().enumerate() {
+            let key = i as u32;
+            assert_eq!(s.holds(h, &key), s.slot_of(&key) == Some(h));
+            assert_eq!(s.resolve(h, &key), s.slot_of(&key));
+        }
+        assert!(s.slot_of(&99).is_some() && s.slot_of(&0).is_none());
+        assert!(s.slots.len() <= 8, "evicted slots are reused");
+        assert!(!s.holds(NO_SLOT, &99));
     }
 }

@@ -252,3 +252,39 @@ fn eval_protocol_invariants() {
         assert!(r.budget.iter().all(|b| (0.0..=1.0).contains(&b.waste)));
     }
 }
+
+#[test]
+fn horizon_ranking_keeps_a_periodic_service_warm_when_due() {
+    // A pod alternates `a`/`b` every 10 ms and calls `cron` every 500 ms. The next-request
+    // ranking never puts `cron` first; ranked by use within 100 ms, it comes up when due.
+    let mut p = Predictor::new(PredictorConfig::default());
+    let pod = "worker-6f6cfc45b-d9pnv";
+    let mut at = 0;
+    for i in 0..400u64 {
+        at = i * 10;
+        p.observe_named(pod, if i % 2 == 0 { "a" } else { "b" }, at);
+        if at % 500 == 0 {
+            p.observe_named(pod, "cron", at + 1);
+        }
+    }
+    // Last `cron` at 3501; next due at about 4001.
+    let due_soon = p.predict_within_named(pod, at + 5, 100, 3);
+    let names: Vec<&str> = due_soon.iter().map(|(s, _, _)| s.as_str()).collect();
+    assert!(names.contains(&"cron"), "{due_soon:?}");
+    let cron_p = |r: &[(String, f64, u64)]| {
+        r.iter()
+            .find(|(s, _, _)| s == "cron")
+            .map_or(0.0, |(_, p, _)| *p)
+    };
+    // Right after it ran, it is not due within the horizon.
+    let mut q = p.clone();
+    q.observe_named(pod, "cron", at + 6);
+    let just_ran = q.predict_within_named(pod, at + 7, 100, 5);
+    assert!(
+        cron_p(&just_ran) < cron_p(&due_soon),
+        "{just_ran:?} vs {due_soon:?}"
+    );
+    assert!(due_soon.iter().all(|(_, p, _)| (0.0..=1.0).contains(p)));
+    // The next-request ranking is unchanged by the horizon API.
+    assert_ne!(top(&p, pod, at + 5).as_deref(), Some("cron"));
+}

@@ -35,6 +35,7 @@ fn replay(p: &mut Predictor, evs: &[(u8, u8, u16)]) -> Vec<Vec<(String, f64, u64
         at += u64::from(dt);
         let client = client_name(c);
         out.push(p.predict_named(&client, at, 5));
+        out.push(p.predict_within_named(&client, at, 250, 5));
         p.observe_named(&client, &format!("svc-{s}"), at);
     }
     out
@@ -90,6 +91,16 @@ proptest! {
                 ids.sort_unstable();
                 ids.dedup();
                 prop_assert_eq!(ids.len(), preds.len(), "no service twice");
+                let within = m.predict_within(ClientId(c), Millis(at), at % 5000, k);
+                prop_assert!(within.len() <= k);
+                for w in within.windows(2) {
+                    prop_assert!(w[0].probability >= w[1].probability, "{}: within, best first", kind.name());
+                }
+                prop_assert!(within.iter().all(|p| (0.0..=1.0).contains(&p.probability)));
+                let mut ids: Vec<u32> = within.iter().map(|p| p.service.0).collect();
+                ids.sort_unstable();
+                ids.dedup();
+                prop_assert_eq!(ids.len(), within.len(), "within: no service twice");
                 m.observe(ClientId(c), ServiceId(s), Millis(at));
             }
         }

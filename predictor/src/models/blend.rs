@@ -16,8 +16,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::models::core::{Core, CoreState, View, BAG_SLOT, CLIENT, GLOBAL, GROUP, MAX_ORDER};
-use crate::models::rank::{ppm_chain, Cands};
+use crate::models::core::{
+    ClientState, Core, CoreState, View, BAG_SLOT, CLIENT, GLOBAL, GROUP, MAX_ORDER, SLOTS,
+};
+use crate::models::rank::{ppm_chain, Cand, Cands};
 use crate::models::{Model, ModelConfig};
 use crate::store::{exp_approx, Dist};
 use crate::{ClientId, GroupId, Millis, Prediction, ServiceId};
@@ -61,12 +63,14 @@ impl Default for BlendParams {
     }
 }
 
+/// Tables whose share of the mixture's probability mass (weight × total count) is below this
+/// are skipped when ranking: they can only reorder near-ties.
+const MIN_MASS: f32 = 3e-4;
+
 /// Experts: for each scope (client, group, global), a long chain (orders `max_order..=0`), a
 /// short one (orders `low_order..=0`) and a bag chain (the last two services in any order, then
 /// orders 1 and 0). Expert `e` belongs to scope `e / 3`.
 const EXPERTS: usize = 9;
-/// Tables per scope: orders `0..=MAX_ORDER`, then the bag.
-const SLOTS: usize = MAX_ORDER + 2;
 
 /// What the blend learns per client (and model-wide, as the prior of new clients).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -75,6 +79,11 @@ pub(crate) struct Skill {
     w: [f32; EXPERTS],
     /// Share of requests that repeated a service the client had used before.
     rho: f32,
+    /// Moving average of the client's gap between requests, ms (0 = unknown).
+    gap_ms: f32,
+    /// Timing of the client's most recently used services, for the horizon ranking (at most
+    /// [`MAX_USES`], least recently used replaced first; empty in the model-wide prior).
+    uses: Vec<Use>,
 }
 
 impl Default for Skill {
@@ -82,7 +91,86 @@ impl Default for Skill {
         Self {
             w: [1.0 / EXPERTS as f32; EXPERTS],
             rho: 0.5,
+            gap_ms: 0.0,
+            uses: Vec::new(),
         }
+    }
+}
+
+/// Services whose use timing is kept per client.
+pub(crate) const MAX_USES: usize = 16;
+/// Weight of the newest sample in the timing moving averages.
+const TIME_ALPHA: f32 = 0.3;
+/// Most future requests the horizon ranking looks ahead over.
+const MAX_STEPS: f32 = 64.0;
+
+/// When a client last used a service and how regularly it comes back to it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Use {
+    service: u32,
+    last_at: u64,
+    /// Moving average of the interval between two uses, ms (meaningful once `uses >= 2`).
+    interval_ms: f32,
+    /// Moving average of the interval's absolute deviation from `interval_ms`, ms.
+    dev_ms: f32,
+    uses: u32,
+}
+
+impl Skill {
+    /// Records a request for `service` at `at`; `gap` is the time since the client's previous
+    /// request (None for its first).
+    fn note_use(&mut self, service: u32, at: u64, gap: Option<u64>) {
+        if let Some(gap) = gap {
+            let gap = gap as f32;
+            self.gap_ms = if self.gap_ms > 0.0 {
+                self.gap_ms + TIME_ALPHA * (gap - self.gap_ms)
+            } else {
+                gap.max(f32::MIN_POSITIVE)
+            };
+        }
+        if let Some(u) = self.uses.iter_mut().find(|u| u.service == service) {
+            let dt = at.saturating_sub(u.last_at) as f32;
+            if u.uses >= 2 {
+                u.dev_ms += TIME_ALPHA * ((dt - u.interval_ms).abs() - u.dev_ms);
+                u.interval_ms += TIME_ALPHA * (dt - u.interval_ms);
+            } else {
+                u.interval_ms = dt;
+                u.dev_ms = dt / 2.0;
+            }
+            u.last_at = u.last_at.max(at);
+            u.uses = u.uses.saturating_add(1);
+            return;
+        }
+        let new = Use {
+            service,
+            last_at: at,
+            interval_ms: 0.0,
+            dev_ms: 0.0,
+            uses: 1,
+        };
+        if self.uses.len() < MAX_USES {
+            self.uses.push(new);
+        } else if let Some(old) = self.uses.iter_mut().min_by_key(|u| (u.last_at, u.service)) {
+            *old = new;
+        }
+    }
+
+    /// Probability that a periodic `u` is used within `horizon` ms of `at`, and when it is
+    /// due (ms from `at`). 0 until the service has been used twice.
+    fn periodic(u: &Use, at: u64, horizon: f32) -> (f32, f32) {
+        if u.uses < 2 || u.interval_ms <= 0.0 {
+            return (0.0, 0.0);
+        }
+        let t = at.saturating_sub(u.last_at) as f32;
+        let (period, spread) = (u.interval_ms, u.dev_ms + 0.1 * u.interval_ms + 1.0);
+        // Due time is `period` after the last use, give or take `spread`: the chance that it
+        // falls before `at + horizon` (logistic approximation of a normal CDF) ...
+        let z = (t + horizon - period) / spread;
+        let due = 1.0 / (1.0 + exp_approx(-1.7 * z));
+        // ... fading once the service is long overdue (the client may have stopped using it).
+        let late = ((t - period - 3.0 * spread) / period.max(1.0)).max(0.0);
+        let p = due * exp_approx(-late);
+        (p.clamp(0.0, 1.0), (period - t).max(0.0))
     }
 }
 
@@ -244,12 +332,8 @@ impl Blend {
     }
 }
 
-impl Model for Blend {
-    fn name(&self) -> &'static str {
-        "blend"
-    }
-
-    fn observe_grouped(
+impl Blend {
+    fn observe_impl(
         &mut self,
         client: ClientId,
         group: Option<GroupId>,
@@ -262,6 +346,7 @@ impl Model for Blend {
             return;
         };
         let first = c.events == 0;
+        let gap = (!first).then(|| at.0.saturating_sub(c.last_at));
         let mut stats = [[(0.0f32, 0.0f32); SLOTS]; 3];
         let mut counts = [[0.0f32; SLOTS]; 3];
         self.core
@@ -279,14 +364,77 @@ impl Model for Blend {
         Self::update_skill(&mut self.global, &p, &probs, &ex.avail, repeat);
         if let Some(c) = self.core.clients.get_mut(&client) {
             Self::update_skill(&mut c.ext, &p, &probs, &ex.avail, repeat);
+            c.ext.note_use(service.0, at.0, gap);
         }
     }
 
-    fn predict_into(&self, client: ClientId, at: Millis, k: usize, out: &mut Vec<Prediction>) {
+    fn predict_next_into(&self, client: ClientId, at: Millis, k: usize, out: &mut Vec<Prediction>) {
         out.clear();
         let Some(c) = self.core.clients.get(&client) else {
             return;
         };
+        let mut cands = Cands::new();
+        self.rank(c, &mut cands);
+        cands.finish(k, c.last_at, at, out);
+    }
+
+    /// See [`Model::predict_within_into`]: each candidate's probability of use within
+    /// `horizon_ms`, combining the next-step distribution, the client's long-run mix over the
+    /// requests it will make within the horizon, and per-service periodicity.
+    fn predict_horizon_into(
+        &self,
+        client: ClientId,
+        at: Millis,
+        horizon_ms: u64,
+        k: usize,
+        out: &mut Vec<Prediction>,
+    ) {
+        out.clear();
+        let Some(c) = self.core.clients.get(&client) else {
+            return;
+        };
+        let mut cands = Cands::new();
+        let own = self.rank(c, &mut cands);
+        let skill = &c.ext;
+        for u in &skill.uses {
+            cands.add(u.service, 0.0, 0.0);
+        }
+        let horizon = horizon_ms as f32;
+        // Requests the client will make within the horizon, from its usual gap (the first of
+        // them is the one the next-step ranking is about).
+        let steps = if skill.gap_ms > 0.0 {
+            (horizon / skill.gap_ms).clamp(1.0, MAX_STEPS)
+        } else {
+            1.0
+        };
+        let since_last = at.0.saturating_sub(c.last_at) as f32;
+        cands.rescore(|cand: &Cand| {
+            let p1 = cand.score.clamp(0.0, 1.0);
+            let next_in = cand.delay_ms().max(0.0) - since_last;
+            // Later requests: drawn from the client's own long-run mix (order-0 table).
+            let q = own.map_or(0.0, |d| {
+                d.entries
+                    .iter()
+                    .find(|e| e.service == cand.service)
+                    .map_or(0.0, |e| e.count / d.total.max(f32::MIN_POSITIVE))
+            });
+            let miss_later = (1.0 - q.clamp(0.0, 1.0)).powf(steps - 1.0);
+            let p_seq = 1.0 - (1.0 - p1) * miss_later;
+            let (p_per, due) = skill
+                .uses
+                .iter()
+                .find(|u| u.service == cand.service)
+                .map_or((0.0, 0.0), |u| Skill::periodic(u, at.0, horizon));
+            let p = 1.0 - (1.0 - p_seq) * (1.0 - p_per);
+            let expected = if p_per > p_seq { due } else { next_in.max(0.0) };
+            (p, expected)
+        });
+        cands.finish(k, at.0, at, out);
+    }
+
+    /// The next-step scores of `c`'s candidates (into `cands`, which must be empty); returns
+    /// the client's own order-0 table.
+    fn rank<'a>(&'a self, c: &'a ClientState<Skill>, cands: &mut Cands) -> Option<&'a Dist> {
         let v = self.core.view(c);
         let t = tables(&v);
         let stats = stats_of(&t);
@@ -298,11 +446,14 @@ impl Model for Blend {
         };
         let n0 = [stats[CLIENT][0].0, stats[GROUP][0].0, stats[GLOBAL][0].0];
         let lam = ex.mix(&skill.w, &n0, self.params.trust);
-        let mut cands = Cands::new();
         for s in [CLIENT, GROUP, GLOBAL] {
             for (i, d) in t[s].iter().enumerate() {
                 let Some(d) = d else { continue };
                 let w: f32 = (3 * s..3 * s + 3).map(|e| lam[e] * ex.w[e][i]).sum();
+                // A table contributing almost no probability mass is not worth reading.
+                if w * d.total < MIN_MASS {
+                    continue;
+                }
                 cands.add_top(d, w, self.params.top);
             }
         }
@@ -336,7 +487,38 @@ impl Model for Blend {
                 }
             }
         }
-        cands.finish(k, c.last_at, at, out);
+        v.d[CLIENT][0]
+    }
+}
+
+impl Model for Blend {
+    fn name(&self) -> &'static str {
+        "blend"
+    }
+
+    fn observe_grouped(
+        &mut self,
+        client: ClientId,
+        group: Option<GroupId>,
+        service: ServiceId,
+        at: Millis,
+    ) {
+        self.observe_impl(client, group, service, at);
+    }
+
+    fn predict_into(&self, client: ClientId, at: Millis, k: usize, out: &mut Vec<Prediction>) {
+        self.predict_next_into(client, at, k, out);
+    }
+
+    fn predict_within_into(
+        &self,
+        client: ClientId,
+        at: Millis,
+        horizon_ms: u64,
+        k: usize,
+        out: &mut Vec<Prediction>,
+    ) {
+        self.predict_horizon_into(client, at, horizon_ms, k, out);
     }
 
     fn forget_client(&mut self, client: ClientId) {

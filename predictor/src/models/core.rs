@@ -6,13 +6,22 @@
 //! keyed by a serial number that is never reused, so when a client or group id is recycled its
 //! old contexts become unreachable and age out of the bounded context table.
 //!
-//! Tables are all [`Bounded`]: clients, groups and contexts each have a cap and are evicted
+//! Tables are all bounded: clients, groups and contexts each have a cap and are evicted
 //! least-recently-seen first (see `crate::store`).
+//!
+//! Speed: the context tables live in a [`Slab`], and every client keeps the slots of its current
+//! context's tables ([`Handles`]), so `predict` and the next `observe` use them without hashing.
+//! After an update, the next context of order `n + 1` is found by following the link kept in the
+//! order-`n` table's entry for the service just seen ([`crate::store::Entry::child`]); a hash
+//! lookup is only needed the first time. Handles and links are hints, checked against the key
+//! before use, never serialized, and never change a result.
+
+use std::hash::{Hash, Hasher};
 
 use serde::{Deserialize, Serialize};
 
 use crate::models::ModelConfig;
-use crate::store::{Bounded, Decay, Dist, Stamped, NONE};
+use crate::store::{Bounded, Decay, Dist, Slab, Stamped, NONE, NO_SLOT};
 use crate::{ClientId, GroupId};
 
 /// Scope index: the client's own contexts.
@@ -33,10 +42,45 @@ const BAG: u64 = 1 << 61;
 const SERIAL_MASK: u64 = BAG - 1;
 
 /// Key of one count table.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub(crate) struct CtxKey {
     scope: u64,
     hist: [u32; MAX_ORDER],
+}
+
+impl Hash for CtxKey {
+    /// Three machine words (the derived impl also hashes the array's length and goes through
+    /// byte slices).
+    #[inline]
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        let h = &self.hist;
+        state.write_u64(self.scope);
+        state.write_u64(u64::from(h[0]) | u64::from(h[1]) << 32);
+        state.write_u64(u64::from(h[2]) | u64::from(h[3]) << 32);
+    }
+}
+
+/// Tables per scope: orders `0..=MAX_ORDER`, then the bag ([`BAG_SLOT`]).
+pub(crate) const SLOTS: usize = MAX_ORDER + 2;
+
+/// A client-scope table known not to exist (only the client itself creates those).
+const ABSENT: u32 = NO_SLOT - 1;
+
+/// Slab slots of a client's current-context tables, `[scope][slot]`: [`NO_SLOT`] = unknown,
+/// `ABSENT` = known missing. An accelerator, not state: skipped by serde and by `==`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Handles([[u32; SLOTS]; 3]);
+
+impl Default for Handles {
+    fn default() -> Self {
+        Self([[NO_SLOT; SLOTS]; 3])
+    }
+}
+
+impl PartialEq for Handles {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 /// Per-client state; `X` is what a particular model adds.
@@ -49,6 +93,8 @@ pub(crate) struct ClientState<X> {
     pub last_at: u64,
     pub events: u32,
     pub ext: X,
+    #[serde(skip)]
+    pub cur: Handles,
 }
 
 impl<X> Stamped for ClientState<X> {
@@ -81,6 +127,10 @@ pub(crate) struct Pre {
 
 /// Slot of the bag context in per-scope arrays indexed by order.
 pub(crate) const BAG_SLOT: usize = MAX_ORDER + 1;
+
+/// Context slots (order or bag) updated by one event in one scope: `(slot, key, position of
+/// the service in the table)`.
+type Updated = [Option<(u32, CtxKey, usize)>; SLOTS];
 
 impl Stamped for GroupState {
     fn last_at(&self) -> u64 {
@@ -115,7 +165,7 @@ pub(crate) struct Core<X> {
     pub bag: bool,
     pub clients: Bounded<ClientId, ClientState<X>>,
     pub groups: Bounded<GroupId, GroupState>,
-    pub ctx: Bounded<CtxKey, Dist>,
+    pub ctx: Slab<CtxKey, Dist>,
     next_serial: u64,
     ttl_ms: u64,
 }
@@ -135,7 +185,7 @@ impl<X: Clone> Core<X> {
             bag: false,
             clients: Bounded::new(cfg.max_clients, cfg.idle_ttl_ms),
             groups: Bounded::new(cfg.max_groups, cfg.idle_ttl_ms),
-            ctx: Bounded::new(cfg.max_contexts, cfg.idle_ttl_ms),
+            ctx: Slab::new(cfg.max_contexts, cfg.idle_ttl_ms),
             next_serial: 1,
             ttl_ms: cfg.idle_ttl_ms,
         }
@@ -164,6 +214,7 @@ impl<X: Clone> Core<X> {
             last_at: at,
             events: 0,
             ext: make(),
+            cur: Handles::default(),
         });
         if group.is_some() {
             c.group = group;
@@ -231,8 +282,16 @@ impl<X: Clone> Core<X> {
         let mut bag = [None; 3];
         for (scope, id) in self.scope_ids(c).into_iter().enumerate() {
             let Some(id) = id else { continue };
+            let hints = &c.cur.0[scope];
+            let find = |key: Option<CtxKey>, hint: u32| {
+                let key = key?;
+                if scope == CLIENT && hint == ABSENT {
+                    return None;
+                }
+                self.ctx.resolve(hint, &key).and_then(|s| self.ctx.at(s))
+            };
             if self.bag {
-                bag[scope] = Self::bag_key(id, &c.hist).and_then(|k| self.ctx.get(&k));
+                bag[scope] = find(Self::bag_key(id, &c.hist), hints[BAG_SLOT]);
             }
             for (order, slot) in d[scope]
                 .iter_mut()
@@ -240,9 +299,7 @@ impl<X: Clone> Core<X> {
                 .take(self.hi + 1)
                 .skip(self.lo)
             {
-                if let Some(key) = Self::key(id, &c.hist, order) {
-                    *slot = self.ctx.get(&key);
-                }
+                *slot = find(Self::key(id, &c.hist, order), hints[order]);
             }
         }
         View { d, bag }
@@ -255,7 +312,8 @@ impl<X: Clone> Core<X> {
     }
 
     /// Like [`Core::learn`], first telling `pre(scope, slot, stats)` each table's statistics
-    /// before the update (`slot` = order, or [`BAG_SLOT`]). One hash lookup per table.
+    /// before the update (`slot` = order, or [`BAG_SLOT`]). Uses the client's handles, so hash
+    /// lookups are only needed for tables that are new or were not reachable by a link.
     pub fn learn_with(
         &mut self,
         client: ClientId,
@@ -268,43 +326,109 @@ impl<X: Clone> Core<X> {
         };
         let ids = self.scope_ids(c);
         let hist = c.hist;
+        let cur = c.cur;
         let delay = if c.events > 0 {
             at.saturating_sub(c.last_at) as f32
         } else {
             0.0
         };
+        let mut next_hist = hist;
+        next_hist.rotate_right(1);
+        next_hist[0] = service;
+        let mut next = Handles::default();
         for (scope, id) in ids.into_iter().enumerate() {
             let Some(id) = id else { continue };
-            let bag = if self.bag {
-                Self::bag_key(id, &hist)
-            } else {
-                None
-            };
-            let keys = (self.lo..=self.hi)
-                .map(|order| (order, Self::key(id, &hist, order)))
-                .chain([(BAG_SLOT, bag)]);
-            for (slot, key) in keys {
-                if let Some(key) = key {
-                    let (dist, _) = self.ctx.upsert(key, at, Dist::default);
-                    pre(
-                        scope,
-                        slot,
-                        Pre {
-                            total: dist.total,
-                            distinct: dist.entries.len() as f32,
-                            count: dist.count(service),
-                        },
-                    );
-                    dist.observe(service, at, delay, &self.decay);
-                }
+            let mut done: Updated = [None; SLOTS];
+            for slot in (self.lo..=self.hi).chain(self.bag.then_some(BAG_SLOT)) {
+                let key = if slot == BAG_SLOT {
+                    Self::bag_key(id, &hist)
+                } else {
+                    Self::key(id, &hist, slot)
+                };
+                let Some(key) = key else { continue };
+                let hint = cur.0[scope][slot];
+                let s = if self.ctx.holds(hint, &key) {
+                    hint
+                } else {
+                    self.ctx.upsert(key, at).0
+                };
+                let Some(dist) = self.ctx.at_mut(s) else {
+                    continue;
+                };
+                let (total, distinct) = (dist.total, dist.entries.len() as f32);
+                let (count, pos) = dist.observe(service, at, delay, &self.decay);
+                pre(
+                    scope,
+                    slot,
+                    Pre {
+                        total,
+                        distinct,
+                        count,
+                    },
+                );
+                done[slot] = Some((s, key, pos));
             }
+            next.0[scope] = self.next_handles(scope, id, &done, &next_hist);
         }
         if let Some(c) = self.clients.get_mut(&client) {
-            c.hist.rotate_right(1);
-            c.hist[0] = service;
+            c.hist = next_hist;
             c.last_at = c.last_at.max(at);
             c.events = c.events.saturating_add(1);
+            c.cur = next;
         }
+    }
+
+    /// Slots of the tables of the context after an update (`hist` already shifted), following
+    /// the links of the tables just updated (`done`) and recording the ones found by lookup.
+    fn next_handles(
+        &mut self,
+        scope: usize,
+        id: u64,
+        done: &Updated,
+        hist: &[u32; MAX_ORDER],
+    ) -> [u32; SLOTS] {
+        let miss = if scope == CLIENT { ABSENT } else { NO_SLOT };
+        let mut out = [NO_SLOT; SLOTS];
+        for order in self.lo..=self.hi {
+            let Some(key) = Self::key(id, hist, order) else {
+                continue;
+            };
+            // Order 0 has no history: the same table again.
+            let parent = if order == 0 {
+                None
+            } else {
+                done[order - 1].filter(|(s, k, _)| self.ctx.holds(*s, k))
+            };
+            out[order] = match (order, parent) {
+                (0, _) => done[0]
+                    .filter(|(s, k, _)| self.ctx.holds(*s, k))
+                    .map_or_else(|| self.ctx.slot_of(&key).unwrap_or(miss), |d| d.0),
+                (_, Some((ps, _, pos))) => {
+                    let link = self
+                        .ctx
+                        .at(ps)
+                        .and_then(|d| d.entries.get(pos))
+                        .map_or(NO_SLOT, |e| e.child);
+                    if self.ctx.holds(link, &key) {
+                        link
+                    } else if let Some(found) = self.ctx.slot_of(&key) {
+                        if let Some(e) = self.ctx.at_mut(ps).and_then(|d| d.entries.get_mut(pos)) {
+                            e.child = found;
+                        }
+                        found
+                    } else {
+                        miss
+                    }
+                }
+                (_, None) => self.ctx.slot_of(&key).unwrap_or(miss),
+            };
+        }
+        if self.bag {
+            if let Some(key) = Self::bag_key(id, hist) {
+                out[BAG_SLOT] = self.ctx.slot_of(&key).unwrap_or(miss);
+            }
+        }
+        out
     }
 
     pub fn forget_client(&mut self, client: ClientId) {
@@ -386,6 +510,6 @@ impl<X: Clone> Core<X> {
         for (_, d) in &mut ctx {
             d.entries.truncate(max_entries);
         }
-        self.ctx = Bounded::from_entries(self.ctx.cap(), ttl, ctx);
+        self.ctx = Slab::from_entries(self.ctx.cap(), ttl, ctx);
     }
 }

@@ -56,6 +56,37 @@ pub trait Model {
         out
     }
 
+    /// Like [`Model::predict_into`], but ranks by the probability that the client uses each
+    /// service *within `horizon_ms`* of `at` (not only next): what keeping a set of services
+    /// warm for that long needs. `probability` is then that probability (rankings no longer
+    /// sum to 1) and `expected_in_ms` counts from `at`. Models without a notion of time fall
+    /// back to the next-request ranking (the default).
+    fn predict_within_into(
+        &self,
+        client: ClientId,
+        at: Millis,
+        horizon_ms: u64,
+        k: usize,
+        out: &mut Vec<Prediction>,
+    ) {
+        let _ = horizon_ms;
+        self.predict_into(client, at, k, out);
+    }
+
+    /// The top `k` services for `client` by probability of use within `horizon_ms` of `at`
+    /// (see [`Model::predict_within_into`]).
+    fn predict_within(
+        &self,
+        client: ClientId,
+        at: Millis,
+        horizon_ms: u64,
+        k: usize,
+    ) -> Vec<Prediction> {
+        let mut out = Vec::with_capacity(k);
+        self.predict_within_into(client, at, horizon_ms, k, &mut out);
+        out
+    }
+
     /// Drops everything learned about `client` alone (its id is about to be reused).
     fn forget_client(&mut self, client: ClientId);
 

@@ -6,9 +6,23 @@
 use crate::store::Dist;
 use crate::{Millis, Prediction, ServiceId};
 
+impl Cand {
+    /// Expected delay from the client's last event (score-weighted mean of the tables').
+    pub fn delay_ms(&self) -> f32 {
+        if self.score > 0.0 {
+            self.delay_w / self.score
+        } else {
+            0.0
+        }
+    }
+}
+
 /// Most distinct candidates considered per ranking; more are ignored (they come from the
 /// low-weight tail, since tables are visited most specific first).
 const MAX_CANDS: usize = 64;
+
+/// Largest k ranked by insertion into a small buffer (larger k: selection, then sort).
+const SMALL_K: usize = 8;
 
 /// Slots of the open-addressing index (a power of two, well above `MAX_CANDS`).
 const INDEX: usize = 128;
@@ -103,17 +117,57 @@ impl Cands {
         }
     }
 
+    /// Replaces every candidate's score and expected delay by `f(candidate)` =
+    /// `(score, delay_ms)`; the delay then counts from the `last_at` given to `finish`.
+    pub fn rescore(&mut self, mut f: impl FnMut(&Cand) -> (f32, f32)) {
+        for c in &mut self.items[..self.len] {
+            let (score, delay) = f(c);
+            c.score = score;
+            c.delay_w = score * delay;
+        }
+    }
+
     pub fn as_mut_slice(&mut self) -> &mut [Cand] {
         &mut self.items[..self.len]
     }
 
-    /// Sorts and writes the best `k` into `out`; `last_at` is the client's last event time, from
-    /// which the learned delays count.
+    /// Writes the best `k` into `out`, best first; `last_at` is the client's last event time,
+    /// from which the learned delays count.
     pub fn finish(&mut self, k: usize, last_at: u64, at: Millis, out: &mut Vec<Prediction>) {
         out.clear();
         let items = &mut self.items[..self.len];
-        items.sort_unstable_by(|a, b| b.score.total_cmp(&a.score).then(a.service.cmp(&b.service)));
-        for c in items.iter().take(k) {
+        // Best first: higher score, then smaller service id (a total order, so selecting the
+        // top k and sorting only those gives exactly the head of a full sort).
+        let better =
+            |a: &Cand, b: &Cand| b.score.total_cmp(&a.score).then(a.service.cmp(&b.service));
+        let k = k.min(items.len());
+        if k == 0 {
+            return;
+        }
+        if k <= SMALL_K {
+            // One pass with a small sorted buffer: far cheaper than selecting for k = 3.
+            let mut top = [Cand::default(); SMALL_K];
+            let mut n = 0;
+            for c in items.iter() {
+                if n == k && better(c, &top[k - 1]).is_ge() {
+                    continue;
+                }
+                let mut i = if n < k { n } else { k - 1 };
+                while i > 0 && better(c, &top[i - 1]).is_lt() {
+                    top[i] = top[i - 1];
+                    i -= 1;
+                }
+                top[i] = *c;
+                n = (n + 1).min(k);
+            }
+            items[..k].copy_from_slice(&top[..k]);
+        } else {
+            if k < items.len() {
+                items.select_nth_unstable_by(k - 1, better);
+            }
+            items[..k].sort_unstable_by(better);
+        }
+        for c in items[..k].iter() {
             if c.score.is_nan() || c.score <= 0.0 {
                 break;
             }
