@@ -67,10 +67,8 @@ async fn raw_quinn_pair(
                         let mut buf = vec![0u8; 256 * 1024];
                         let mut n = 0u64;
                         while let Ok(Some(k)) = recv.read(&mut buf).await {
-                            if mode[0] == b'e' {
-                                if send.write_all(&buf[..k]).await.is_err() {
-                                    return;
-                                }
+                            if mode[0] == b'e' && send.write_all(&buf[..k]).await.is_err() {
+                                return;
                             }
                             n += k as u64;
                         }
