@@ -8,6 +8,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use overlay::auth::limits::{LimitSettings, Rate};
+use overlay::auth::policy::Policy;
+use overlay::auth::secret::SecretString;
+use overlay::auth::tokens::{TokenAlg, TokenSettings};
+use overlay::auth::AuthSettings;
 use overlay::identity::valid_name;
 use overlay::membership::MembershipConfig;
 use overlay::{NodeConfig, ServiceConfig, TransportSettings, UpstreamConfig};
@@ -62,6 +67,43 @@ pub struct RawConfig {
     /// QUIC settings.
     #[serde(default)]
     pub transport: RawTransport,
+    /// Service authentication.
+    #[serde(default)]
+    pub auth: RawAuth,
+}
+
+/// `[auth]`.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuth {
+    /// Token lifetime in seconds (default 300).
+    pub token_ttl_secs: Option<u64>,
+    /// Clock skew tolerated on token times, seconds (default 30).
+    pub token_leeway_secs: Option<u64>,
+    /// Signing algorithm: "EdDSA" (default) or "HS256" (single-node use).
+    pub token_alg: Option<String>,
+    /// The CA private key (PEM); makes this node an issuer: it signs revocations and renews
+    /// its own certificate. Must be mode 0600.
+    pub ca_key: Option<PathBuf>,
+    /// Extra Ed25519 public keys (base64url, 32 bytes) trusted to sign revocations.
+    #[serde(default)]
+    pub trusted_revokers: Vec<String>,
+    /// Default overlap window when retiring an API key, seconds (default 3600).
+    pub key_overlap_secs: Option<u64>,
+    /// Renew the certificate at this percentage of its lifetime (default 70).
+    pub renew_at_percent: Option<u8>,
+    /// Token requests and discoveries per second per caller per service (default 20).
+    pub caller_service_per_second: Option<u32>,
+    /// Burst for the above (default 40).
+    pub caller_service_burst: Option<u32>,
+    /// Token requests and discoveries per second per service (default 2000).
+    pub service_per_second: Option<u32>,
+    /// Burst for the above (default 4000).
+    pub service_burst: Option<u32>,
+    /// Failed authentications per second per caller before a lockout (default 1).
+    pub failed_auth_per_second: Option<u32>,
+    /// Burst for the above (default 10).
+    pub failed_auth_burst: Option<u32>,
 }
 
 /// `[[service]]`.
@@ -72,6 +114,9 @@ pub struct RawService {
     pub name: String,
     /// Local TCP backend address.
     pub backend: String,
+    /// Access policy (default: every overlay member may obtain `connect` tokens).
+    #[serde(default)]
+    pub policy: Option<Policy>,
 }
 
 /// `[[upstream]]`.
@@ -82,6 +127,12 @@ pub struct RawUpstream {
     pub service: String,
     /// Local TCP address to listen on.
     pub listen: String,
+    /// API key of the service (used to obtain tokens from its host). Prefer `api_key_file`.
+    #[serde(default)]
+    pub api_key: Option<String>,
+    /// File holding the API key (mode 0600).
+    #[serde(default)]
+    pub api_key_file: Option<PathBuf>,
 }
 
 /// `[membership]`; defaults are memberlist's LAN values.
@@ -129,6 +180,8 @@ pub struct DaemonConfig {
     pub key: PathBuf,
     /// State directory.
     pub state_dir: PathBuf,
+    /// CA key, if this node is an issuer.
+    pub ca_key: Option<PathBuf>,
     /// Overlay settings.
     pub node: NodeConfig,
 }
@@ -226,6 +279,7 @@ fn validate(file: &Path, raw: RawConfig) -> Result<DaemonConfig, ConfigError> {
         }
     };
     let mut services = Vec::new();
+    let mut service_policies = std::collections::BTreeMap::new();
     for (i, s) in raw.service.iter().enumerate() {
         if !valid_name(&s.name) {
             return Err(err(format!(
@@ -243,8 +297,14 @@ fn validate(file: &Path, raw: RawConfig) -> Result<DaemonConfig, ConfigError> {
             name: s.name.clone(),
             backend: addr(file, &format!("service[{i}].backend"), &s.backend)?,
         });
+        if let Some(p) = &s.policy {
+            p.validate()
+                .map_err(|e| err(format!("key `service[{i}].policy`: {e}")))?;
+            service_policies.insert(s.name.clone(), p.clone());
+        }
     }
     let mut upstreams = Vec::new();
+    let mut upstream_keys = std::collections::BTreeMap::new();
     for (i, u) in raw.upstream.iter().enumerate() {
         if !valid_name(&u.service) {
             return Err(err(format!(
@@ -256,6 +316,33 @@ fn validate(file: &Path, raw: RawConfig) -> Result<DaemonConfig, ConfigError> {
             service: u.service.clone(),
             listen: addr(file, &format!("upstream[{i}].listen"), &u.listen)?,
         });
+        let key = match (&u.api_key, &u.api_key_file) {
+            (Some(_), Some(_)) => {
+                return Err(err(format!(
+                    "key `upstream[{i}].api_key`: give api_key or api_key_file, not both"
+                )))
+            }
+            (Some(k), None) => Some(SecretString::new(k.trim().to_owned())),
+            (None, Some(f)) => {
+                let path = resolve(f);
+                let text = std::fs::read_to_string(&path).map_err(|e| {
+                    err(format!(
+                        "key `upstream[{i}].api_key_file`: {}: {e}",
+                        path.display()
+                    ))
+                })?;
+                Some(SecretString::new(text.trim().to_owned()))
+            }
+            (None, None) => None,
+        };
+        if let Some(k) = key {
+            if overlay::auth::keys::parse_api_key(k.expose()).is_none() {
+                return Err(err(format!(
+                    "key `upstream[{i}].api_key`: not a meshd API key (mk_...)"
+                )));
+            }
+            upstream_keys.insert(u.service.clone(), k);
+        }
     }
     let md = MembershipConfig::default();
     let membership = MembershipConfig {
@@ -312,14 +399,105 @@ fn validate(file: &Path, raw: RawConfig) -> Result<DaemonConfig, ConfigError> {
             ));
         }
     }
+    let a = &raw.auth;
+    let td = TokenSettings::default();
+    let alg: TokenAlg = match &a.token_alg {
+        Some(s) => s
+            .parse()
+            .map_err(|e: String| err(format!("key `auth.token_alg`: {e}")))?,
+        None => td.alg,
+    };
+    let ttl = a.token_ttl_secs.unwrap_or(td.ttl_secs);
+    if ttl == 0 || ttl > 86_400 {
+        return Err(err("key `auth.token_ttl_secs`: must be 1 to 86400".into()));
+    }
+    let positive = |key: &str, v: Option<u32>, d: u32| -> Result<u32, ConfigError> {
+        match v {
+            Some(0) => Err(err(format!("key `auth.{key}`: must be greater than 0"))),
+            Some(v) => Ok(v),
+            None => Ok(d),
+        }
+    };
+    let ld = LimitSettings::default();
+    let limits = LimitSettings {
+        per_caller_service: Rate {
+            per_second: positive(
+                "caller_service_per_second",
+                a.caller_service_per_second,
+                ld.per_caller_service.per_second,
+            )?,
+            burst: positive(
+                "caller_service_burst",
+                a.caller_service_burst,
+                ld.per_caller_service.burst,
+            )?,
+        },
+        per_service: Rate {
+            per_second: positive(
+                "service_per_second",
+                a.service_per_second,
+                ld.per_service.per_second,
+            )?,
+            burst: positive("service_burst", a.service_burst, ld.per_service.burst)?,
+        },
+        failed_auth_per_caller: Rate {
+            per_second: positive(
+                "failed_auth_per_second",
+                a.failed_auth_per_second,
+                ld.failed_auth_per_caller.per_second,
+            )?,
+            burst: positive(
+                "failed_auth_burst",
+                a.failed_auth_burst,
+                ld.failed_auth_per_caller.burst,
+            )?,
+        },
+        ..ld
+    };
+    let mut trusted_revokers = Vec::new();
+    for (i, k) in a.trusted_revokers.iter().enumerate() {
+        use base64::Engine as _;
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(k.trim())
+            .ok()
+            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+            .ok_or_else(|| {
+                err(format!(
+                    "key `auth.trusted_revokers[{i}]`: expected a base64url Ed25519 public key"
+                ))
+            })?;
+        trusted_revokers.push(bytes);
+    }
+    let renew = a.renew_at_percent.unwrap_or(70);
+    if !(10..=95).contains(&renew) {
+        return Err(err("key `auth.renew_at_percent`: must be 10 to 95".into()));
+    }
+    let state_dir = resolve(&raw.state_dir);
+    let auth = AuthSettings {
+        tokens: TokenSettings {
+            ttl_secs: ttl,
+            leeway_secs: a.token_leeway_secs.unwrap_or(td.leeway_secs),
+            alg,
+            accept: vec![alg],
+        },
+        limits,
+        state_dir: Some(state_dir.clone()),
+        service_policies,
+        upstream_keys,
+        trusted_revokers,
+        renew_at_fraction: f64::from(renew) / 100.0,
+        key_overlap_secs: a.key_overlap_secs.unwrap_or(3600),
+        ..AuthSettings::default()
+    };
     Ok(DaemonConfig {
+        ca_key: a.ca_key.as_deref().map(resolve),
         name: raw.name,
         listen,
         admin,
         ca_cert: resolve(&raw.ca_cert),
         cert: resolve(&raw.cert),
         key: resolve(&raw.key),
-        state_dir: resolve(&raw.state_dir),
+        state_dir,
         node: NodeConfig {
             advertise,
             bootstrap,
@@ -328,6 +506,7 @@ fn validate(file: &Path, raw: RawConfig) -> Result<DaemonConfig, ConfigError> {
             membership,
             transport,
             seed: raw.seed.unwrap_or(0),
+            auth,
             ..NodeConfig::default()
         },
     })
@@ -394,6 +573,37 @@ listen = "127.0.0.1:9100"
 
         let e = parse_err(&format!("{GOOD}\n[membership]\nprobe_period_ms = 0\n"));
         assert!(e.contains("membership.probe_period_ms"), "{e}");
+    }
+
+    #[test]
+    fn auth_settings_parse_and_are_checked() {
+        let text = format!(
+            "{GOOD}\n[auth]\ntoken_ttl_secs = 60\ntoken_alg = \"HS256\"\ncaller_service_per_second = 5\n"
+        );
+        let c = parse(Path::new("/etc/meshd/x.toml"), &text).unwrap();
+        assert_eq!(c.node.auth.tokens.ttl_secs, 60);
+        assert_eq!(c.node.auth.tokens.alg, TokenAlg::HS256);
+        assert_eq!(c.node.auth.limits.per_caller_service.per_second, 5);
+        let e = parse_err(&format!("{GOOD}\n[auth]\ntoken_alg = \"none\"\n"));
+        assert!(e.contains("auth.token_alg"), "{e}");
+        let e = parse_err(&format!("{GOOD}\n[auth]\nservice_burst = 0\n"));
+        assert!(e.contains("auth.service_burst"), "{e}");
+        let e = parse_err(&GOOD.replace(
+            "backend = \"127.0.0.1:9000\"",
+            "backend = \"127.0.0.1:9000\"\npolicy = { deny_by_default = true, allow = [{ callers = [\"host:x\"] }] }",
+        ));
+        assert!(e.contains("service"), "{e}");
+        let with_policy = GOOD.replace(
+            "backend = \"127.0.0.1:9000\"",
+            "backend = \"127.0.0.1:9000\"\npolicy = { deny_by_default = true, require_token = true, allow = [{ callers = [\"group:ops\"] }] }",
+        );
+        let c = parse(Path::new("/etc/meshd/x.toml"), &with_policy).unwrap();
+        assert!(c.node.auth.service_policies["echo"].require_token);
+        let e = parse_err(&GOOD.replace(
+            "listen = \"127.0.0.1:9100\"",
+            "listen = \"127.0.0.1:9100\"\napi_key = \"nope\"",
+        ));
+        assert!(e.contains("upstream[0].api_key"), "{e}");
     }
 
     #[test]

@@ -108,7 +108,7 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
         admins.push((name.to_string(), admin.local_addr()?));
         let n = node.clone();
         tokio::spawn(async move {
-            let _ = crate::admin::serve(admin, n, std::future::pending()).await;
+            let _ = crate::admin::serve(admin, n, None, std::future::pending()).await;
         });
         println!(
             "  peer {name:<8} node id {}  udp {}",

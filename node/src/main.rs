@@ -6,6 +6,7 @@
 //! Exit codes: 0 success, 1 runtime failure, 2 usage error, 78 configuration error.
 
 mod admin;
+mod cli_auth;
 mod config;
 mod demo;
 mod http;
@@ -65,6 +66,17 @@ enum Cmd {
         #[command(subcommand)]
         cmd: PredictCmd,
     },
+    /// Service API keys (through a running peer's admin API).
+    Key {
+        #[command(subcommand)]
+        cmd: cli_auth::KeyCmd,
+    },
+    /// Sign a node or certificate revocation with the CA key (and optionally submit it).
+    Revoke(cli_auth::RevokeArgs),
+    /// Back up the node's credential store (keys, hashes, policies, revocations; secret).
+    Backup(cli_auth::BackupArgs),
+    /// Restore a credential store backup; never re-admits anything revoked since.
+    Restore(cli_auth::RestoreArgs),
 }
 
 #[derive(Subcommand)]
@@ -92,6 +104,9 @@ enum CaCmd {
         /// Output directory.
         #[arg(long)]
         out: PathBuf,
+        /// Group the node belongs to (repeatable); service policies can match groups.
+        #[arg(long = "group")]
+        groups: Vec<String>,
         /// Validity in days.
         #[arg(long, default_value_t = DEFAULT_NODE_VALIDITY_DAYS)]
         days: u32,
@@ -168,14 +183,16 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
                     ca,
                     name,
                     out,
+                    groups,
                     days,
                     force,
                 },
         } => {
             let ca = identity::load_ca_dir(&ca)?;
-            let node = identity::issue_node_dir(
+            let node = identity::issue_node_dir_with_groups(
                 &ca,
                 &name,
+                &groups,
                 &out,
                 Validity::days_from(wall_now(), days)?,
                 force,
@@ -189,6 +206,10 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Predict {
             cmd: PredictCmd::Eval(args),
         } => predict_eval::run(&args),
+        Cmd::Key { cmd } => cli_auth::key(cmd).await,
+        Cmd::Revoke(args) => cli_auth::revoke(args).await,
+        Cmd::Backup(args) => cli_auth::backup(args).await,
+        Cmd::Restore(args) => cli_auth::restore(args).await,
     }
 }
 
@@ -229,7 +250,20 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
         .with_context(|| format!("state_dir {}", cfg.state_dir.display()))?;
     std::fs::set_permissions(&cfg.state_dir, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("state_dir {}", cfg.state_dir.display()))?;
+    let admin_token = cli_auth::ensure_admin_token(&cfg.state_dir)?;
     let mut node_cfg = cfg.node.clone();
+    if let Some(ca_key) = &cfg.ca_key {
+        node_cfg.auth.issuer = Some(std::sync::Arc::new(cli_auth::load_issuer(
+            &cfg.ca_cert,
+            ca_key,
+        )?));
+        let cert_path = cfg.cert.clone();
+        node_cfg.auth.on_cert_renewed = Some(std::sync::Arc::new(move |pem: &str| {
+            if let Err(e) = identity::write_public_file(&cert_path, pem.as_bytes(), true) {
+                error!(error = %e, "renewed certificate not written to disk");
+            }
+        }));
+    }
     node_cfg.generation = generation_now();
     if node_cfg.seed == 0 {
         node_cfg.seed = node_cfg.generation;
@@ -240,9 +274,14 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
     let node = Node::bind(cfg.listen, id, node_cfg).await?;
     info!(admin = %cfg.admin, "admin API listening");
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let admin_task = tokio::spawn(admin::serve(admin, node.clone(), async {
-        let _ = stop_rx.await;
-    }));
+    let admin_task = tokio::spawn(admin::serve(
+        admin,
+        node.clone(),
+        Some(admin_token),
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
     wait_for_signal().await;
     info!("shutting down");
     node.shutdown().await;

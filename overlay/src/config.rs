@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::auth::AuthSettings;
 use crate::backend::{BackendConnector, TcpConnector};
 
 use crate::membership::MembershipConfig;
@@ -93,6 +94,8 @@ pub struct NodeConfig {
     pub max_join_backoff: Duration,
     /// How backends are reached (TCP by default; the simulator injects its own).
     pub backend_connector: Arc<dyn BackendConnector>,
+    /// Service authentication: tokens, limits, credential store, upstream API keys.
+    pub auth: AuthSettings,
 }
 
 impl std::fmt::Debug for NodeConfig {
@@ -106,6 +109,7 @@ impl std::fmt::Debug for NodeConfig {
             .field("transport", &self.transport)
             .field("generation", &self.generation)
             .field("seed", &self.seed)
+            .field("auth", &self.auth)
             .finish_non_exhaustive()
     }
 }
@@ -124,6 +128,7 @@ impl Default for NodeConfig {
             seed: 0,
             max_join_backoff: Duration::from_secs(10),
             backend_connector: Arc::new(TcpConnector),
+            auth: AuthSettings::default(),
         }
     }
 }

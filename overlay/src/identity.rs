@@ -24,6 +24,11 @@ use time::OffsetDateTime;
 
 /// DNS suffix of the SAN that carries a node id.
 pub const NODE_SAN_SUFFIX: &str = ".node.meshd";
+/// Prefix of the URI subject alternative names that carry a node's groups
+/// (`urn:meshd:group:<group>`; repeatable, unlike subject OU entries in rcgen).
+pub const GROUP_URI_PREFIX: &str = "urn:meshd:group:";
+/// Most groups in one certificate.
+pub const MAX_GROUPS: usize = 32;
 /// Default validity of a node certificate.
 pub const DEFAULT_NODE_VALIDITY_DAYS: u32 = 90;
 /// Default validity of the overlay CA.
@@ -286,8 +291,76 @@ pub fn issue_node(
     name: &str,
     validity: Validity,
 ) -> Result<NodeMaterial, IdentityError> {
+    issue_node_with_groups(ca, name, &[], validity)
+}
+
+/// [`issue_node`] with groups (carried as `urn:meshd:group:<group>` URI SANs), which service
+/// policies can match.
+pub fn issue_node_with_groups(
+    ca: &CaMaterial,
+    name: &str,
+    groups: &[String],
+    validity: Validity,
+) -> Result<NodeMaterial, IdentityError> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ED25519)?;
+    let key_pem = key.serialize_pem();
+    let (node_id, cert_pem) = sign_node_cert(ca, &key, name, groups, validity)?;
+    Ok(NodeMaterial {
+        node_id,
+        cert_pem,
+        key_pem,
+    })
+}
+
+/// Renews a node certificate: a new certificate for the node's existing key (so its node id
+/// does not change), with the same name and groups and a new validity.
+pub fn renew_node_cert(
+    ca: &CaMaterial,
+    key_pem: &str,
+    name: &str,
+    groups: &[String],
+    validity: Validity,
+) -> Result<String, IdentityError> {
+    let key = KeyPair::from_pem(key_pem)?;
+    Ok(sign_node_cert(ca, &key, name, groups, validity)?.1)
+}
+
+/// [`renew_node_cert`] for a key held as PKCS#8 DER (a running node's key).
+pub fn renew_node_cert_der(
+    ca: &CaMaterial,
+    key_der: &[u8],
+    name: &str,
+    groups: &[String],
+    validity: Validity,
+) -> Result<String, IdentityError> {
+    use base64::Engine as _;
+    let b64 = zeroize::Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(key_der));
+    let mut pem = zeroize::Zeroizing::new(String::from("-----BEGIN PRIVATE KEY-----\n"));
+    for chunk in b64.as_bytes().chunks(64) {
+        pem.push_str(std::str::from_utf8(chunk).unwrap_or_default());
+        pem.push('\n');
+    }
+    pem.push_str("-----END PRIVATE KEY-----\n");
+    renew_node_cert(ca, &pem, name, groups, validity)
+}
+
+fn sign_node_cert(
+    ca: &CaMaterial,
+    key: &KeyPair,
+    name: &str,
+    groups: &[String],
+    validity: Validity,
+) -> Result<(NodeId, String), IdentityError> {
     if !valid_name(name) {
         return Err(IdentityError::BadName(name.to_owned()));
+    }
+    if let Some(g) = groups.iter().find(|g| !valid_name(g)) {
+        return Err(IdentityError::BadName(g.clone()));
+    }
+    if groups.len() > MAX_GROUPS {
+        return Err(IdentityError::BadName(format!(
+            "more than {MAX_GROUPS} groups"
+        )));
     }
     if validity.not_after <= validity.not_before {
         return Err(IdentityError::BadValidity(
@@ -296,11 +369,15 @@ pub fn issue_node(
     }
     let ca_key = KeyPair::from_pem(&ca.key_pem)?;
     let issuer = Issuer::from_ca_cert_pem(&ca.cert_pem, ca_key)?;
-    let key = KeyPair::generate_for(&rcgen::PKCS_ED25519)?;
     let node_id = NodeId::from_spki(&key.subject_public_key_info());
     let mut params = CertificateParams::default();
     params.distinguished_name.push(DnType::CommonName, name);
     params.subject_alt_names = vec![SanType::DnsName(node_id.san().try_into()?)];
+    for g in groups {
+        params
+            .subject_alt_names
+            .push(SanType::URI(format!("{GROUP_URI_PREFIX}{g}").try_into()?));
+    }
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![
@@ -311,12 +388,8 @@ pub fn issue_node(
     params.not_after = validity.not_after;
     params.serial_number = Some(random_serial());
     params.use_authority_key_identifier_extension = true;
-    let cert = params.signed_by(&key, &issuer)?;
-    Ok(NodeMaterial {
-        node_id,
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
-    })
+    let cert = params.signed_by(key, &issuer)?;
+    Ok((node_id, cert.pem()))
 }
 
 /// `meshd ca init`: writes `dir/ca.crt` and `dir/ca.key`.
@@ -359,6 +432,18 @@ pub fn issue_node_dir(
     validity: Validity,
     overwrite: bool,
 ) -> Result<NodeMaterial, IdentityError> {
+    issue_node_dir_with_groups(ca, name, &[], out, validity, overwrite)
+}
+
+/// [`issue_node_dir`] with groups (`meshd ca issue --group`).
+pub fn issue_node_dir_with_groups(
+    ca: &CaMaterial,
+    name: &str,
+    groups: &[String],
+    out: &Path,
+    validity: Validity,
+    overwrite: bool,
+) -> Result<NodeMaterial, IdentityError> {
     let cert_path = out.join(NODE_CERT_FILE);
     let key_path = out.join(NODE_KEY_FILE);
     if !overwrite {
@@ -369,7 +454,7 @@ pub fn issue_node_dir(
         }
     }
     fs::create_dir_all(out).map_err(io_err(out))?;
-    let node = issue_node(ca, name, validity)?;
+    let node = issue_node_with_groups(ca, name, groups, validity)?;
     write_private_file(&key_path, node.key_pem.as_bytes(), overwrite)?;
     write_public_file(&cert_path, node.cert_pem.as_bytes(), overwrite)?;
     Ok(node)
@@ -386,6 +471,10 @@ pub struct CertInfo {
     pub serial: String,
     /// End of validity, seconds since the Unix epoch.
     pub not_after_unix: i64,
+    /// Start of validity, seconds since the Unix epoch.
+    pub not_before_unix: i64,
+    /// Groups (`urn:meshd:group:<group>` URI SANs), sorted, for service policies.
+    pub groups: Vec<String>,
 }
 
 /// Parses a node certificate: reads its SAN node id and checks it matches the public key.
@@ -401,7 +490,15 @@ pub fn parse_node_cert(der: &[u8]) -> Result<CertInfo, IdentityError> {
         .map_err(|e| IdentityError::BadCertificate(e.to_string()))?
         .ok_or(IdentityError::NodeIdMismatch)?;
     let mut san_id = None;
+    let mut groups = Vec::new();
     for gn in &san.value.general_names {
+        if let GeneralName::URI(uri) = gn {
+            if let Some(g) = uri.strip_prefix(GROUP_URI_PREFIX) {
+                if valid_name(g) && groups.len() < MAX_GROUPS {
+                    groups.push(g.to_owned());
+                }
+            }
+        }
         if let GeneralName::DNSName(dns) = gn {
             if let Some(id) = dns.strip_suffix(NODE_SAN_SUFFIX) {
                 if san_id.is_some() {
@@ -428,11 +525,15 @@ pub fn parse_node_cert(der: &[u8]) -> Result<CertInfo, IdentityError> {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
+    groups.sort();
+    groups.dedup();
     Ok(CertInfo {
         node_id: key_id,
         name,
         serial,
         not_after_unix: cert.validity().not_after.timestamp(),
+        not_before_unix: cert.validity().not_before.timestamp(),
+        groups,
     })
 }
 
@@ -559,6 +660,24 @@ mod tests {
         let id = NodeIdentity::from_pem(&ca.cert_pem, &node.cert_pem, &node.key_pem).unwrap();
         assert_eq!(id.info.node_id, node.node_id);
         assert_eq!(id.info.name, "alpha");
+    }
+
+    #[test]
+    fn groups_are_carried_and_renewal_keeps_the_node_id() {
+        let ca = generate_ca("t", Validity::days_from(now(), 10).unwrap()).unwrap();
+        let groups = vec!["ops".to_string(), "db-admins".to_string()];
+        let v = Validity::days_from(now(), 90).unwrap();
+        let node = issue_node_with_groups(&ca, "alpha", &groups, v).unwrap();
+        let id = NodeIdentity::from_pem(&ca.cert_pem, &node.cert_pem, &node.key_pem).unwrap();
+        assert_eq!(id.info.groups, vec!["db-admins", "ops"]);
+        let later = Validity::days_from(now() + time::Duration::days(60), 90).unwrap();
+        let renewed = renew_node_cert(&ca, &node.key_pem, "alpha", &id.info.groups, later).unwrap();
+        let id2 = NodeIdentity::from_pem(&ca.cert_pem, &renewed, &node.key_pem).unwrap();
+        assert_eq!(id2.info.node_id, id.info.node_id);
+        assert_eq!(id2.info.groups, id.info.groups);
+        assert!(id2.info.not_after_unix > id.info.not_after_unix);
+        assert_ne!(id2.info.serial, id.info.serial);
+        assert!(issue_node_with_groups(&ca, "a", &["Bad Group".into()], v).is_err());
     }
 
     #[test]

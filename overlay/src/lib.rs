@@ -5,12 +5,14 @@
 //! - [`wire`]: versioned stream headers, frames and datagrams (pure encode/decode).
 //! - [`membership`]: SWIM membership (foca), sans-IO.
 //! - [`catalog`]: which peers publish which services, sans-IO.
+//! - [`auth`]: service API keys, tokens, policies, rate limits, revocations, audit (sans-IO).
 //! - [`node`]: the driver that owns sockets, connections, timers and tasks.
 //!
 //! The socket and runtime are injected so the network simulator runs this same code.
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod auth;
 pub mod backend;
 pub mod catalog;
 pub mod config;

@@ -9,8 +9,14 @@
 //!  ├─ membership actor (owns Membership, its timers; sends datagrams, reacts to up/down)
 //!  ├─ bootstrap (join with retries and backoff until a member is known)
 //!  ├─ catalog refresh (pull a random member's catalog now and then)
+//!  ├─ auth housekeeping (prune expired keys and limiter state every 10 s)
+//!  ├─ certificate renewal (check the node certificate's age; renew or warn)
 //!  └─ one listener per [[upstream]] ── per TCP client: forward over a QUIC stream
 //! ```
+//!
+//! Service authentication (API keys, tokens, discovery, revocation) is driven from
+//! [`auth`](self::auth) (`node/auth.rs`); its decisions are made by the sans-IO
+//! [`crate::auth::Authority`].
 //!
 //! Shutdown ([`Node::shutdown`]): leave the cluster (others mark us down at once), stop the
 //! tasks, close the endpoint with code SHUTDOWN and wait (bounded) for connections to close.
@@ -35,14 +41,18 @@ use tokio::task::JoinHandle;
 use tokio::time::{timeout, Instant};
 use tracing::{debug, info, warn, Instrument};
 
+use crate::auth::{AuthSettings, Authority};
 use crate::backend::{BackendConnector, BoxedStream};
 use crate::catalog::{Catalog, CatalogError, ServiceEntry};
 use crate::config::{NodeConfig, TransportSettings};
 use crate::identity::{CertInfo, NodeId, NodeIdStr, NodeIdentity};
 use crate::membership::{Membership, MembershipEvent, PeerIdentity, PeerState, Timer};
 use crate::stats::{self, Stats};
+
+mod auth;
 use crate::tls::{self, authenticate_peer, AuthError, DenySet};
 use crate::wire::{self, code, StreamHeader, StreamKind};
+pub use auth::{DeregisterReport, Registered, RevokeRequest, TokenGrant};
 
 /// Errors starting a node.
 #[derive(Debug, thiserror::Error)]
@@ -140,8 +150,17 @@ struct Inner {
     info: CertInfo,
     me: PeerIdentity,
     endpoint: quinn::Endpoint,
-    client_config: quinn::ClientConfig,
+    client_config: RwLock<quinn::ClientConfig>,
+    transport_config: Arc<quinn::TransportConfig>,
+    tls_settings: tls::TlsSettings,
+    identity: RwLock<NodeIdentity>,
     deny: DenySet,
+    auth: RwLock<Authority>,
+    auth_settings: AuthSettings,
+    admin_lock: tokio::sync::Mutex<()>,
+    persist_lock: Mutex<()>,
+    upstream_tokens: Mutex<HashMap<(NodeId, String), (crate::auth::secret::SecretString, u64)>>,
+    all_conns: Mutex<HashMap<usize, (quinn::Connection, CertInfo)>>,
     transport: TransportSettings,
     backends: Arc<dyn BackendConnector>,
     conns: Mutex<HashMap<NodeId, (quinn::Connection, CertInfo)>>,
@@ -152,7 +171,7 @@ struct Inner {
     catalog_version: watch::Sender<u64>,
     members: watch::Sender<usize>,
     membership_tx: mpsc::Sender<Cmd>,
-    stats: Stats,
+    stats: Arc<Stats>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     upstreams: Mutex<Vec<(String, SocketAddr)>>,
     next_request_id: AtomicU64,
@@ -161,12 +180,18 @@ struct Inner {
     rng: Mutex<StdRng>,
 }
 
-/// Wall-clock seconds, for certificate expiry. The only wall-clock read of the driver.
-#[allow(clippy::disallowed_methods)]
+/// Wall-clock seconds, for certificate expiry.
 fn now_unix() -> i64 {
+    (now_unix_ms() / 1000) as i64
+}
+
+/// Wall-clock milliseconds, for certificate expiry, tokens and rate limits. The only
+/// wall-clock read of the driver: every decision module takes it as an argument.
+#[allow(clippy::disallowed_methods)]
+fn now_unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
+        .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
 
@@ -229,7 +254,7 @@ impl Node {
         let quic_client = quinn::crypto::rustls::QuicClientConfig::try_from(client_tls)
             .map_err(|e| tls::TlsError::Quic(e.to_string()))?;
         let mut client_config = quinn::ClientConfig::new(Arc::new(quic_client));
-        client_config.transport_config(transport);
+        client_config.transport_config(transport.clone());
 
         let mut seed = [0u8; 32];
         seed[..8].copy_from_slice(&config.seed.to_le_bytes());
@@ -272,13 +297,29 @@ impl Node {
             catalog.publish(&s.name, s.backend)?;
         }
         let membership = Membership::new(me.clone(), &config.membership, config.seed);
+        let stats = Arc::new(Stats::default());
+        let (authority, deny, restored) = auth::build_authority(&identity, &config, stats.clone())?;
+        for (name, backend) in &restored {
+            if catalog.backend(name).is_none() {
+                catalog.publish(name, *backend)?;
+            }
+        }
         let (membership_tx, membership_rx) = mpsc::channel(4096);
         let inner = Arc::new(Inner {
             info,
             me,
             endpoint,
-            client_config,
-            deny: DenySet::default(),
+            client_config: RwLock::new(client_config),
+            transport_config: transport,
+            tls_settings: config.tls,
+            identity: RwLock::new(identity),
+            deny,
+            auth: RwLock::new(authority),
+            auth_settings: config.auth.clone(),
+            admin_lock: tokio::sync::Mutex::new(()),
+            persist_lock: Mutex::new(()),
+            upstream_tokens: Mutex::new(HashMap::new()),
+            all_conns: Mutex::new(HashMap::new()),
             conn_slots: Arc::new(Semaphore::new(config.transport.max_connections)),
             transport: config.transport.clone(),
             backends: config.backend_connector.clone(),
@@ -289,7 +330,7 @@ impl Node {
             catalog_version: watch::channel(0).0,
             members: watch::channel(0).0,
             membership_tx,
-            stats: Stats::default(),
+            stats,
             tasks: Mutex::new(Vec::new()),
             upstreams: Mutex::new(Vec::new()),
             next_request_id: AtomicU64::new(1),
@@ -317,17 +358,16 @@ impl Node {
             listeners.push((up.service.clone(), l));
         }
 
-        let mut tasks = Vec::new();
-        tasks.push(tokio::spawn(
-            membership_actor(node.inner.clone(), membership, membership_rx)
-                .instrument(span.clone()),
-        ));
-        tasks.push(tokio::spawn(
-            accept_loop(node.inner.clone()).instrument(span.clone()),
-        ));
-        tasks.push(tokio::spawn(
-            catalog_refresh(node.inner.clone()).instrument(span.clone()),
-        ));
+        let mut tasks = vec![
+            tokio::spawn(
+                membership_actor(node.inner.clone(), membership, membership_rx)
+                    .instrument(span.clone()),
+            ),
+            tokio::spawn(accept_loop(node.inner.clone()).instrument(span.clone())),
+            tokio::spawn(catalog_refresh(node.inner.clone()).instrument(span.clone())),
+            tokio::spawn(auth::housekeeping(node.inner.clone()).instrument(span.clone())),
+            tokio::spawn(auth::renewal_loop(node.inner.clone()).instrument(span.clone())),
+        ];
         for (service, l) in listeners {
             tasks.push(tokio::spawn(
                 upstream_loop(node.inner.clone(), service, l).instrument(span.clone()),
@@ -512,6 +552,14 @@ pub enum ForwardError {
     /// No live peer offers the service.
     #[error("no peer offers service {0:?}")]
     NoProvider(String),
+    /// No provider granted a token (bad key, policy, rate limit).
+    #[error("no token for service {service:?}: {reason}")]
+    Unauthorized {
+        /// The service.
+        service: String,
+        /// The last refusal.
+        reason: String,
+    },
     /// The provider could not be reached.
     #[error("reaching {peer}: {source}")]
     Dial {
@@ -563,11 +611,10 @@ impl Inner {
             .clone()
             .try_acquire_owned()
             .map_err(|_| DialError::Overloaded)?;
-        let connecting = self.endpoint.connect_with(
-            self.client_config.clone(),
-            addr,
-            &tls::server_name_for(node),
-        )?;
+        let client_config = read(&self.client_config).clone();
+        let connecting =
+            self.endpoint
+                .connect_with(client_config, addr, &tls::server_name_for(node))?;
         let conn = connecting.await?;
         stats::inc(&self.stats.handshakes);
         charge_handshake(&self.transport).await;
@@ -637,6 +684,7 @@ impl Inner {
                 conns.insert(info.node_id, (conn.clone(), info.clone()));
             }
         }
+        lock(&self.all_conns).insert(conn.stable_id(), (conn.clone(), info.clone()));
         stats::inc(&self.stats.connections_open);
         let span =
             tracing::debug_span!("conn", peer = %info.node_id.fmt_short(), name = %info.name);
@@ -719,6 +767,7 @@ async fn serve_connection(
     };
     debug!(reason = %reason, "connection closed");
     stats::dec(&inner.stats.connections_open);
+    lock(&inner.all_conns).remove(&conn.stable_id());
     let mut conns = lock(&inner.conns);
     if conns
         .get(&info.node_id)
@@ -782,8 +831,38 @@ async fn handle_stream(
     };
     match header.kind {
         StreamKind::Forward { service } => {
+            if read(&inner.auth).requires_token(&service) {
+                stats::inc(&inner.stats.stream_errors);
+                debug!(peer = %peer.node_id.fmt_short(), service, "forward without token refused");
+                reset(&mut send, &mut recv, code::UNAUTHORIZED);
+                return;
+            }
             serve_forward(&inner, &peer, &service, header.request_id, send, recv).await
         }
+        StreamKind::ForwardAuth { service, token } => {
+            let verdict = read(&inner.auth).authorize_forward(
+                &crate::auth::policy::Caller::from(&peer),
+                &service,
+                &token,
+                now_unix_ms(),
+            );
+            drop(token);
+            if let Err(r) = verdict {
+                stats::inc(&inner.stats.stream_errors);
+                debug!(peer = %peer.node_id.fmt_short(), service, reason = %r, "forward refused");
+                let c = if r.status() == 429 {
+                    code::RATE_LIMITED
+                } else {
+                    code::UNAUTHORIZED
+                };
+                reset(&mut send, &mut recv, c);
+                return;
+            }
+            serve_forward(&inner, &peer, &service, header.request_id, send, recv).await
+        }
+        StreamKind::TokenRequest => auth::serve_token_request(&inner, &peer, send, recv).await,
+        StreamKind::Discover => auth::serve_discover(&inner, &peer, send, recv).await,
+        StreamKind::Revocations => auth::serve_revocations(&inner, &peer, send, recv).await,
         StreamKind::CatalogPull => {
             let snap = read(&inner.catalog).snapshot();
             match wire::encode_frame(&snap) {
@@ -965,6 +1044,9 @@ async fn open_service_stream(
     inner: &Arc<Inner>,
     service: &str,
 ) -> Result<(quinn::SendStream, quinn::RecvStream), ForwardError> {
+    if inner.auth_settings.upstream_keys.contains_key(service) {
+        return auth::open_service_stream_with_token(inner, service).await;
+    }
     let peer =
         pick_provider(inner, service).ok_or_else(|| ForwardError::NoProvider(service.into()))?;
     let conn = inner
@@ -1208,8 +1290,12 @@ fn drain_membership(
     let mut changed = false;
     while let Some(ev) = m.poll_event() {
         match ev {
+            MembershipEvent::Up(p) if inner.deny.is_node_denied(&p.node_id) => {
+                debug!(peer = %p.node_id.fmt_short(), "revoked node reported up; ignored");
+            }
             MembershipEvent::Up(p) => {
                 info!(peer = %p.node_id.fmt_short(), name = %p.name, addr = %p.addr, "member up");
+                auth::on_member_up(inner, p.node_id);
                 stats::inc(&inner.stats.members_up);
                 write(&inner.alive).insert(p.node_id, p.clone());
                 changed = true;

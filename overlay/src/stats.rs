@@ -77,6 +77,52 @@ stats! {
     membership_datagrams_received => "meshd_membership_datagrams_received_total", "Membership datagrams received", counter;
     /// Catalog snapshots applied.
     catalog_updates => "meshd_catalog_updates_total", "Catalog snapshots applied", counter;
+    /// Audit events recorded (every kind).
+    audit_events => "meshd_audit_events_total", "Audit events recorded", counter;
+    /// Successful authentications (API key or token accepted).
+    auth_success => "meshd_auth_success_total", "Authentications accepted", counter;
+    /// Failed authentications (bad key, bad token).
+    auth_failure => "meshd_auth_failure_total", "Authentications refused", counter;
+    /// Requests refused by a service policy.
+    auth_policy_denied => "meshd_auth_policy_denied_total", "Requests refused by policy", counter;
+    /// Tokens issued.
+    tokens_issued => "meshd_tokens_issued_total", "Tokens issued", counter;
+    /// Service registrations committed.
+    registrations => "meshd_service_registrations_total", "Service registrations", counter;
+    /// Service registrations rolled back.
+    registrations_failed => "meshd_service_registrations_failed_total", "Service registrations rolled back", counter;
+    /// Service deregistrations.
+    deregistrations => "meshd_service_deregistrations_total", "Service deregistrations", counter;
+    /// API keys created.
+    keys_created => "meshd_api_keys_created_total", "API keys created", counter;
+    /// API keys retired or revoked.
+    keys_retired => "meshd_api_keys_retired_total", "API keys retired or revoked", counter;
+    /// Revocations applied (nodes, serials, tokens, keys).
+    revocations => "meshd_revocations_total", "Revocations applied", counter;
+    /// Revocation records refused (bad signature, untrusted signer).
+    revocations_refused => "meshd_revocations_refused_total", "Revocation records refused", counter;
+    /// Requests refused by the per-caller-per-service limit.
+    rate_limited_caller_service => "meshd_rate_limited_caller_service_total", "Refused: per caller per service limit", counter;
+    /// Requests refused by the per-service limit.
+    rate_limited_service => "meshd_rate_limited_service_total", "Refused: per service limit", counter;
+    /// Requests refused because the caller failed authentication too often.
+    rate_limited_failed_auth => "meshd_rate_limited_failed_auth_total", "Refused: failed authentication limit", counter;
+    /// Configured per-caller-per-service rate (requests per second).
+    limit_caller_service_rate => "meshd_limit_caller_service_per_second", "Limit: requests per second per caller per service", gauge;
+    /// Configured per-caller-per-service burst.
+    limit_caller_service_burst => "meshd_limit_caller_service_burst", "Limit: burst per caller per service", gauge;
+    /// Configured per-service rate (requests per second).
+    limit_service_rate => "meshd_limit_service_per_second", "Limit: requests per second per service", gauge;
+    /// Configured per-service burst.
+    limit_service_burst => "meshd_limit_service_burst", "Limit: burst per service", gauge;
+    /// Configured failed-authentication rate per caller (per second).
+    limit_failed_auth_rate => "meshd_limit_failed_auth_per_second", "Limit: failed authentications per second per caller", gauge;
+    /// Configured failed-authentication burst per caller.
+    limit_failed_auth_burst => "meshd_limit_failed_auth_burst", "Limit: failed authentication burst per caller", gauge;
+    /// Certificate renewals done.
+    cert_renewals => "meshd_cert_renewals_total", "Certificate renewals", counter;
+    /// Seconds until this node's certificate expires (at the last check).
+    cert_expires_in => "meshd_cert_expires_in_seconds", "Seconds until the node certificate expires", gauge;
 }
 
 /// Adds one to a counter.
@@ -87,6 +133,11 @@ pub(crate) fn inc(c: &AtomicU64) {
 /// Adds `n` to a counter.
 pub(crate) fn add(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Ordering::Relaxed);
+}
+
+/// Sets a gauge.
+pub(crate) fn set(c: &AtomicU64, v: u64) {
+    c.store(v, Ordering::Relaxed);
 }
 
 /// Subtracts one from a gauge.

@@ -96,6 +96,12 @@ impl DenySet {
         self.write().serials.insert(serial.to_ascii_lowercase());
     }
 
+    /// Whether a node id is denied.
+    pub fn is_node_denied(&self, id: &NodeId) -> bool {
+        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        inner.nodes.contains(id)
+    }
+
     /// Whether this certificate is denied.
     pub fn is_denied(&self, info: &CertInfo) -> bool {
         let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());

@@ -49,6 +49,10 @@ pub mod code {
     pub const HEADER_TIMEOUT: u32 = 0x15;
     /// Stream: refused for lack of capacity.
     pub const OVERLOADED: u32 = 0x16;
+    /// Stream: the service requires a token and none, or an invalid one, was presented.
+    pub const UNAUTHORIZED: u32 = 0x17;
+    /// Stream: refused by a rate limit.
+    pub const RATE_LIMITED: u32 = 0x18;
 
     /// Human-readable name of a code, for logs.
     pub fn name(code: u64) -> &'static str {
@@ -64,6 +68,8 @@ pub mod code {
             0x14 => "too large",
             0x15 => "header timeout",
             0x16 => "overloaded",
+            0x17 => "unauthorized",
+            0x18 => "rate limited",
             _ => "unknown code",
         }
     }
@@ -112,6 +118,234 @@ pub enum StreamKind {
     CatalogPull,
     /// Push our catalog; one [`CatalogSnapshot`] frame follows.
     CatalogPush,
+    /// Ask for a token to one of the peer's services: one [`TokenRequest`] frame follows; the
+    /// peer answers with one [`TokenReply`] frame.
+    TokenRequest,
+    /// Authenticated discovery: one [`DiscoverRequest`] frame; answered by one
+    /// [`DiscoverReply`] frame.
+    Discover,
+    /// Node revocations: one [`RevocationBatch`] frame follows (no answer).
+    Revocations,
+    /// Like `Forward`, carrying a token for the service (required when its policy says so).
+    ForwardAuth {
+        /// Service name.
+        service: String,
+        /// A JWT issued by the receiving peer to the sender, scope `connect`.
+        token: String,
+    },
+}
+
+/// Longest API key in a message.
+pub const MAX_API_KEY_LEN: usize = 128;
+/// Longest token or credential in a message.
+pub const MAX_CREDENTIAL_LEN: usize = 2048;
+/// Longest refusal reason.
+pub const MAX_REASON_LEN: usize = 200;
+/// Most revocation records in one frame.
+pub const MAX_REVOCATIONS_PER_FRAME: usize = 256;
+/// Most scopes in a discovery answer.
+pub const MAX_SCOPES: usize = 256;
+
+/// `TokenRequest` body. The caller is the connection's authenticated node, never a field.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRequest {
+    /// Service on the receiving peer.
+    pub service: String,
+    /// An API key of that service (secret).
+    pub api_key: String,
+    /// Scope asked for.
+    pub scope: String,
+}
+
+impl std::fmt::Debug for TokenRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenRequest")
+            .field("service", &self.service)
+            .field("scope", &self.scope)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A refusal, as carried on the wire and returned by the node's API.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refused {
+    /// HTTP-like status: 401 bad credential, 403 policy, 404 no such service, 429 rate
+    /// limited, 500 local failure, 502 unreachable.
+    pub status: u16,
+    /// Human-readable reason (no secrets).
+    pub reason: String,
+    /// When a rate-limited caller may retry, milliseconds.
+    pub retry_after_ms: Option<u64>,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.reason, self.status)
+    }
+}
+
+/// `TokenRequest` answer.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TokenReply {
+    /// The token.
+    Granted {
+        /// Compact JWT (secret).
+        token: String,
+        /// Its `exp`, Unix seconds.
+        expires_at: u64,
+    },
+    /// Refused.
+    Refused(Refused),
+}
+
+impl std::fmt::Debug for TokenReply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TokenReply::Granted { expires_at, .. } => f
+                .debug_struct("Granted")
+                .field("expires_at", expires_at)
+                .finish_non_exhaustive(),
+            TokenReply::Refused(r) => f.debug_tuple("Refused").field(r).finish(),
+        }
+    }
+}
+
+/// `Discover` body.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiscoverRequest {
+    /// Service.
+    pub service: String,
+    /// An API key of the service on the receiving peer, or a token it issued (secret).
+    pub credential: String,
+}
+
+impl std::fmt::Debug for DiscoverRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiscoverRequest")
+            .field("service", &self.service)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One usable instance of a service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Instance {
+    /// Node offering it.
+    pub node_id: crate::identity::NodeId,
+    /// That node's name.
+    pub name: String,
+    /// Address it is dialled at.
+    pub addr: std::net::SocketAddr,
+    /// Scopes the caller may obtain.
+    pub scopes: Vec<String>,
+    /// Whether forwarded streams need a token.
+    pub require_token: bool,
+}
+
+/// `Discover` answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DiscoverReply {
+    /// The caller may use this instance.
+    Instance(Instance),
+    /// Refused.
+    Refused(Refused),
+}
+
+/// `Revocations` body: signed records (see [`crate::auth::revocation`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevocationBatch {
+    /// At most [`MAX_REVOCATIONS_PER_FRAME`].
+    pub records: Vec<crate::auth::revocation::SignedRevocation>,
+}
+
+fn check_len(what: &str, s: &str, max: usize) -> Result<(), WireError> {
+    if s.len() > max {
+        return Err(WireError::Malformed(format!("{what} too long")));
+    }
+    Ok(())
+}
+
+fn check_scope(s: &str) -> Result<(), WireError> {
+    if !valid_name(s) {
+        return Err(WireError::Malformed("invalid scope".into()));
+    }
+    Ok(())
+}
+
+fn decode_exact<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, WireError> {
+    let (v, rest): (T, _) =
+        postcard::take_from_bytes(body).map_err(|e| WireError::Malformed(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(WireError::Malformed("trailing bytes".into()));
+    }
+    Ok(v)
+}
+
+fn check_refused(r: &Refused) -> Result<(), WireError> {
+    check_len("reason", &r.reason, MAX_REASON_LEN)
+}
+
+/// Decodes a `TokenRequest` frame body.
+pub fn decode_token_request(body: &[u8]) -> Result<TokenRequest, WireError> {
+    let r: TokenRequest = decode_exact(body)?;
+    if !valid_name(&r.service) {
+        return Err(WireError::Malformed("invalid service name".into()));
+    }
+    check_len("api key", &r.api_key, MAX_API_KEY_LEN)?;
+    check_scope(&r.scope)?;
+    Ok(r)
+}
+
+/// Decodes a `TokenReply` frame body.
+pub fn decode_token_reply(body: &[u8]) -> Result<TokenReply, WireError> {
+    let r: TokenReply = decode_exact(body)?;
+    match &r {
+        TokenReply::Granted { token, .. } => check_len("token", token, MAX_CREDENTIAL_LEN)?,
+        TokenReply::Refused(x) => check_refused(x)?,
+    }
+    Ok(r)
+}
+
+/// Decodes a `DiscoverRequest` frame body.
+pub fn decode_discover_request(body: &[u8]) -> Result<DiscoverRequest, WireError> {
+    let r: DiscoverRequest = decode_exact(body)?;
+    if !valid_name(&r.service) {
+        return Err(WireError::Malformed("invalid service name".into()));
+    }
+    check_len("credential", &r.credential, MAX_CREDENTIAL_LEN)?;
+    Ok(r)
+}
+
+/// Decodes a `DiscoverReply` frame body.
+pub fn decode_discover_reply(body: &[u8]) -> Result<DiscoverReply, WireError> {
+    let r: DiscoverReply = decode_exact(body)?;
+    match &r {
+        DiscoverReply::Instance(i) => {
+            if i.scopes.len() > MAX_SCOPES || !valid_name(&i.name) {
+                return Err(WireError::Malformed("bad instance".into()));
+            }
+            for s in &i.scopes {
+                check_scope(s)?;
+            }
+        }
+        DiscoverReply::Refused(x) => check_refused(x)?,
+    }
+    Ok(r)
+}
+
+/// Decodes a `Revocations` frame body (signatures are checked by the receiver).
+pub fn decode_revocations(body: &[u8]) -> Result<RevocationBatch, WireError> {
+    let r: RevocationBatch = decode_exact(body)?;
+    if r.records.len() > MAX_REVOCATIONS_PER_FRAME {
+        return Err(WireError::Malformed("too many revocations".into()));
+    }
+    if r.records
+        .iter()
+        .any(|x| x.body.len() > crate::auth::revocation::MAX_BODY_LEN || x.signature.len() != 64)
+    {
+        return Err(WireError::Malformed("bad revocation record".into()));
+    }
+    Ok(r)
 }
 
 /// The header that opens every bidirectional stream.
@@ -189,12 +423,14 @@ pub fn decode_header_body(body: &[u8]) -> Result<StreamHeader, WireError> {
     if !rest.is_empty() {
         return Err(WireError::Malformed("trailing bytes".into()));
     }
-    if let StreamKind::Forward { service } = &h.kind {
-        if !valid_name(service) {
-            return Err(WireError::Malformed("invalid service name".into()));
+    match &h.kind {
+        StreamKind::Forward { service } | StreamKind::ForwardAuth { service, .. }
+            if !valid_name(service) =>
+        {
+            Err(WireError::Malformed("invalid service name".into()))
         }
+        _ => Ok(h),
     }
-    Ok(h)
 }
 
 /// Encodes a frame around a message.
@@ -345,11 +581,70 @@ mod tests {
         assert!(decode_header_body(&bytes[3..]).is_err());
     }
 
+    #[test]
+    fn auth_messages_round_trip_and_refuse_oversize() {
+        let h = StreamHeader {
+            kind: StreamKind::ForwardAuth {
+                service: "db".into(),
+                token: "t".repeat(600),
+            },
+            request_id: 9,
+        };
+        let bytes = encode_header(&h);
+        assert_eq!(decode_header_body(&bytes[3..]).unwrap(), h);
+        let req = TokenRequest {
+            service: "db".into(),
+            api_key: "mk_x".into(),
+            scope: "connect".into(),
+        };
+        let f = encode_frame(&req).unwrap();
+        assert_eq!(decode_token_request(&f[4..]).unwrap(), req);
+        assert!(
+            !format!("{req:?}").contains("mk_x"),
+            "Debug redacts the key"
+        );
+        let long = TokenRequest {
+            api_key: "k".repeat(MAX_API_KEY_LEN + 1),
+            ..req.clone()
+        };
+        assert!(decode_token_request(&encode_frame(&long).unwrap()[4..]).is_err());
+        let bad_scope = TokenRequest {
+            scope: "Not A Scope".into(),
+            ..req
+        };
+        assert!(decode_token_request(&encode_frame(&bad_scope).unwrap()[4..]).is_err());
+        let reply = TokenReply::Refused(Refused {
+            status: 429,
+            reason: "rate limited".into(),
+            retry_after_ms: Some(50),
+        });
+        assert_eq!(
+            decode_token_reply(&encode_frame(&reply).unwrap()[4..]).unwrap(),
+            reply
+        );
+        // New stream kinds are appended: the old variants keep their indices.
+        let b = encode_header(&StreamHeader {
+            kind: StreamKind::TokenRequest,
+            request_id: 1,
+        });
+        assert_eq!(b[3], 3);
+        let b = encode_header(&StreamHeader {
+            kind: StreamKind::Revocations,
+            request_id: 1,
+        });
+        assert_eq!(b[3], 5);
+    }
+
     proptest! {
         #[test]
         fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
             let _ = decode_header_body(&bytes);
             let _ = decode_catalog(&bytes);
+            let _ = decode_token_request(&bytes);
+            let _ = decode_token_reply(&bytes);
+            let _ = decode_discover_request(&bytes);
+            let _ = decode_discover_reply(&bytes);
+            let _ = decode_revocations(&bytes);
             if bytes.len() >= 3 {
                 let _ = decode_header_prefix([bytes[0], bytes[1], bytes[2]]);
             }

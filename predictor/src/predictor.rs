@@ -22,8 +22,8 @@ use crate::models::{Blend, Model, ModelConfig};
 use crate::{ClientId, GroupId, GroupRule, Millis, Prediction, ServiceId};
 
 /// Version written into snapshots; restoring any other version fails. (2: per-client use
-/// timing for the horizon ranking.)
-pub const SNAPSHOT_VERSION: u32 = 2;
+/// timing for the horizon ranking; 3: lazily decayed count tables, with a scale per table.)
+pub const SNAPSHOT_VERSION: u32 = 3;
 
 /// Everything configurable about the [`Predictor`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -28,7 +28,7 @@ pub(crate) const NO_SLOT: u32 = u32::MAX;
 pub(crate) struct Entry {
     /// The service id.
     pub service: u32,
-    /// Decayed count.
+    /// Decayed count, in units of the table's [`Dist::scale`] (the count is `count * scale`).
     pub count: f32,
     /// Moving average of the time from the context's last event to this service, ms.
     pub delay_ms: f32,
@@ -44,14 +44,32 @@ fn no_slot() -> u32 {
 }
 
 /// Decayed successor counts of one context.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+///
+/// Decay is lazy: instead of multiplying every entry's count at each update, the table keeps
+/// one factor, [`Dist::scale`], that all entries' counts are multiplied by when read; an update
+/// multiplies `scale` (and `total`) by the decay and adds `1 / scale` to the entry. The entries
+/// are only rescaled when `scale` gets small ([`RENORM`], about once per 40 half-lives).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct Dist {
     /// Sorted by `count`, largest first.
     pub entries: Vec<Entry>,
-    /// Decayed total of all counts ever added (including those of evicted entries).
+    /// Decayed total of all counts ever added (including those of evicted entries); not scaled.
     pub total: f32,
     /// Time of the last update.
     pub last_at: u64,
+    /// Multiplier of every entry's stored count (in `RENORM..=1`).
+    pub scale: f32,
+}
+
+impl Default for Dist {
+    fn default() -> Self {
+        Self {
+            entries: Vec::new(),
+            total: 0.0,
+            last_at: 0,
+            scale: 1.0,
+        }
+    }
 }
 
 /// Decay settings shared by all tables of one model.
@@ -85,11 +103,12 @@ pub(crate) fn exp2_neg(x: f32) -> f32 {
     let x = x.max(0.0);
     // 2^-x = 2^-(n + f) = 2^-n * 2^-f with n integer, f in [0, 1); 2^-f by a cubic fit.
     // `x` is in 0..126 here, so truncation is the floor (and avoids a libm call).
-    let n = (x as i32) as f32;
+    let ni = x as i32;
+    let n = ni as f32;
     let f = x - n;
     let frac = 1.0 + f * (-std::f32::consts::LN_2 + f * (0.237_804 + f * -0.044_657));
     // `n` is in 0..126, so the exponent field 127 - n stays in 1..=127: a normal f32.
-    let pow = f32::from_bits(((127 - n as i32) as u32) << 23);
+    let pow = f32::from_bits(((127 - ni) as u32) << 23);
     frac * pow
 }
 
@@ -98,9 +117,13 @@ pub(crate) fn exp2_neg(x: f32) -> f32 {
 pub(crate) fn exp_approx(x: f32) -> f32 {
     let y = (x * std::f32::consts::LOG2_E).clamp(-125.0, 125.0);
     if y >= 0.0 {
-        let n = y.ceil();
+        // `y.ceil()` without a libm call (the baseline x86-64 target has no `roundss`):
+        // exact for `y` in 0..=125.
+        let ti = y as i32;
+        let ni = if (ti as f32) < y { ti + 1 } else { ti };
+        let n = ni as f32;
         // 2^y = 2^n * 2^-(n - y); 2^n with n in 0..=125 is a normal f32.
-        f32::from_bits(((127 + n as i32) as u32) << 23) * exp2_neg(n - y)
+        f32::from_bits(((127 + ni) as u32) << 23) * exp2_neg(n - y)
     } else {
         exp2_neg(-y)
     }
@@ -110,38 +133,44 @@ pub(crate) fn exp_approx(x: f32) -> f32 {
 const DELAY_ALPHA: f32 = 0.25;
 /// Counts below this are rescaled away to keep `f32` away from denormals.
 const TINY: f32 = 1e-20;
+/// A table's [`Dist::scale`] below this is folded into its entries (stored counts stay far
+/// from `f32`'s range limits: at most about 2^40 times the true count).
+const RENORM: f32 = 1e-12;
 
 impl Dist {
     /// Adds one occurrence of `service` at `at`, `delay_ms` after the context's last event.
     /// Returns the service's count just before (not decayed) and its position afterwards.
     pub fn observe(&mut self, service: u32, at: u64, delay_ms: f32, decay: &Decay) -> (f32, usize) {
         let found = self.entries.iter().position(|e| e.service == service);
-        let before = found.map_or(0.0, |i| self.entries[i].count);
+        let before = found.map_or(0.0, |i| self.entries[i].count * self.scale);
         let f = decay.factor(at.saturating_sub(self.last_at));
         if f < 1.0 {
-            for e in &mut self.entries {
-                e.count *= f;
-            }
+            self.scale *= f;
             self.total *= f;
             if self.total < TINY {
                 self.entries.clear();
                 self.total = 0.0;
+                self.scale = 1.0;
+            } else if self.scale < RENORM {
+                self.renormalise();
             }
         }
         self.last_at = self.last_at.max(at);
         self.total += 1.0;
+        // One occurrence, in the units of the stored counts.
+        let one = 1.0 / self.scale;
         let found = found.filter(|_| !self.entries.is_empty());
         let mut i = match found {
             Some(i) => {
                 let e = &mut self.entries[i];
-                e.count += 1.0;
+                e.count += one;
                 e.delay_ms += DELAY_ALPHA * (delay_ms - e.delay_ms);
                 i
             }
             None => {
                 let entry = Entry {
                     service,
-                    count: 1.0,
+                    count: one,
                     delay_ms,
                     child: NO_SLOT,
                 };
@@ -162,13 +191,27 @@ impl Dist {
         (before, i)
     }
 
+    /// Folds [`Dist::scale`] into the stored counts (scale becomes 1); also repairs a scale
+    /// that is not a usable factor (e.g. from a corrupted snapshot).
+    pub fn renormalise(&mut self) {
+        let s = if self.scale.is_finite() && self.scale > 0.0 {
+            self.scale
+        } else {
+            0.0
+        };
+        for e in &mut self.entries {
+            e.count *= s;
+        }
+        self.scale = 1.0;
+    }
+
     /// Count of `service` (not decayed to any particular time).
     #[cfg(test)]
     pub fn count(&self, service: u32) -> f32 {
         self.entries
             .iter()
             .find(|e| e.service == service)
-            .map_or(0.0, |e| e.count)
+            .map_or(0.0, |e| e.count * self.scale)
     }
 
     /// Drops every entry whose service `gone` says is gone.
@@ -566,6 +609,43 @@ mod tests {
         assert!((dist.count(1) - 1.0).abs() < 1e-6, "two counts halved once");
         dist.observe(2, 1000, 0.0, &d);
         assert_eq!(dist.entries[0].service, 2, "recent behaviour overtakes old");
+    }
+
+    #[test]
+    fn lazy_decay_matches_eager_decay_and_renormalises() {
+        let d = Decay {
+            half_life_ms: 1000.0,
+            max_entries: 8,
+        };
+        let mut dist = Dist::default();
+        let mut eager = [0.0f64; 3];
+        let mut last = 0u64;
+        // 60 s of events, then a 45 s gap (2^-45: below `RENORM`, well above `TINY` here).
+        let times = (0..600u64).map(|i| i * 100).chain([105_000, 105_100]);
+        for (i, at) in times.enumerate() {
+            let f = (-((at - last) as f64) / 1000.0).exp2();
+            for c in &mut eager {
+                *c *= f;
+            }
+            let s = (i % 3) as u32;
+            eager[s as usize] += 1.0;
+            dist.observe(s, at, 0.0, &d);
+            last = at;
+            for (s, &want) in eager.iter().enumerate() {
+                let got = f64::from(dist.count(s as u32));
+                assert!(
+                    (got - want).abs() <= want * 1e-2 + 1e-9,
+                    "t {at} s {s}: {got} vs {want}"
+                );
+            }
+            assert!(dist.scale >= RENORM && dist.scale <= 1.0);
+            if at == 105_000 {
+                assert_eq!(
+                    dist.scale, 1.0,
+                    "the gap's decay was folded into the entries"
+                );
+            }
+        }
     }
 
     #[test]

@@ -153,3 +153,31 @@ pub async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> b
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+/// Spawns a node on loopback UDP after letting `f` adjust its config (auth settings etc.).
+pub async fn spawn_with(
+    ca: &CaMaterial,
+    identity: NodeIdentity,
+    bootstrap: &[SocketAddr],
+    f: impl FnOnce(&mut NodeConfig),
+) -> Node {
+    let _ = ca;
+    let mut cfg = config(bootstrap, identity.info.name.len() as u64);
+    f(&mut cfg);
+    Node::bind("127.0.0.1:0".parse().unwrap(), identity, cfg)
+        .await
+        .unwrap()
+}
+
+/// A node identity issued by `ca` with groups.
+pub fn identity_in_groups(ca: &CaMaterial, name: &str, groups: &[&str]) -> NodeIdentity {
+    let groups: Vec<String> = groups.iter().map(|g| g.to_string()).collect();
+    let n = overlay::identity::issue_node_with_groups(
+        ca,
+        name,
+        &groups,
+        Validity::days_from(now(), 90).unwrap(),
+    )
+    .unwrap();
+    NodeIdentity::from_pem(&ca.cert_pem, &n.cert_pem, &n.key_pem).unwrap()
+}

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::models::core::{
     ClientState, Core, CoreState, View, BAG_SLOT, CLIENT, GLOBAL, GROUP, MAX_ORDER, SLOTS,
 };
-use crate::models::rank::{ppm_chain, Cand, Cands};
+use crate::models::rank::{Cand, Cands};
 use crate::models::{Model, ModelConfig};
 use crate::store::{exp_approx, Dist};
 use crate::{ClientId, GroupId, Millis, Prediction, ServiceId};
@@ -187,9 +187,11 @@ pub struct Blend {
     core: Core<Skill>,
     global: Skill,
     params: BlendParams,
+    memo: ExpertMemo,
 }
 
 /// Each expert's PPM-C weights over its scope's tables.
+#[derive(Clone, Copy)]
 struct Experts {
     /// `w[e][slot]`: weight of table `slot` (order, or the bag) of scope `e / 3` in expert `e`.
     w: [[f32; SLOTS]; EXPERTS],
@@ -198,17 +200,48 @@ struct Experts {
 
 impl Experts {
     /// Weights from `(total, distinct)` of every table, indexed `[scope][slot]`.
-    fn new(stats: &[[(f32, f32); SLOTS]; 3], hi: usize, lo: usize) -> Self {
+    ///
+    /// The same arithmetic as `rank::ppm_chain` over the chains `hi..=0` (long), `lo..=0` (short)
+    /// and `BAG, 1, 0` (bag, if the bag table has data), specialised: the chains are
+    /// descending runs of orders, so each is walked once with per-table values shared.
+    fn new(stats: &Stats, hi: usize, lo: usize) -> Self {
         let mut w = [[0.0; SLOTS]; EXPERTS];
         let mut avail = [false; EXPERTS];
-        let long: [usize; MAX_ORDER + 1] = std::array::from_fn(|i| hi.saturating_sub(i));
-        let short: [usize; MAX_ORDER + 1] = std::array::from_fn(|i| lo.saturating_sub(i));
-        let bag = [BAG_SLOT, 1, 0];
         for s in [CLIENT, GROUP, GLOBAL] {
-            ppm_chain(&stats[s], &long[..=hi], &mut w[3 * s]);
-            ppm_chain(&stats[s], &short[..=lo], &mut w[3 * s + 1]);
-            if stats[s][BAG_SLOT].0 > 0.0 {
-                ppm_chain(&stats[s], &bag, &mut w[3 * s + 2]);
+            let st = &stats[s];
+            let ok: [bool; SLOTS] = std::array::from_fn(|i| st[i].0 > 0.0 && st[i].1 > 0.0);
+            // Lowest usable order: where the descending chains end (all end at order 0's
+            // side, so the last usable table of each is the lowest usable one it visits).
+            let Some(low) = (0..=hi).find(|&i| ok[i]) else {
+                // No usable order: only the bag could be (alone in its chain).
+                if ok[BAG_SLOT] {
+                    w[3 * s + 2][BAG_SLOT] = 1.0 / st[BAG_SLOT].0;
+                    avail[3 * s + 2] = w[3 * s + 2][BAG_SLOT] > 0.0;
+                }
+                continue;
+            };
+            // The long and short chains: orders `top..=0`.
+            for (e, top) in [(3 * s, hi), (3 * s + 1, lo)] {
+                if low <= top {
+                    descend(st, &ok, top, low, 1.0, &mut w[e]);
+                }
+            }
+            if st[BAG_SLOT].0 > 0.0 {
+                let e = 3 * s + 2;
+                let mut esc = 1.0f32;
+                if ok[BAG_SLOT] {
+                    let (n, u) = st[BAG_SLOT];
+                    if low > 1 {
+                        // Nothing usable after the bag: it keeps everything.
+                        w[e][BAG_SLOT] = esc / n;
+                    } else {
+                        w[e][BAG_SLOT] = esc / (n + u);
+                        esc *= u / (n + u);
+                    }
+                }
+                if low <= 1 {
+                    descend(st, &ok, 1, low, esc, &mut w[e]);
+                }
             }
             for e in 3 * s..3 * s + 3 {
                 avail[e] = w[e].iter().any(|&x| x > 0.0);
@@ -238,6 +271,51 @@ impl Experts {
     }
 }
 
+/// `(total, distinct)` of every table of a context, `[scope][slot]`: all that [`Experts::new`]
+/// depends on (the orders are fixed per model).
+type Stats = [[(f32, f32); SLOTS]; 3];
+
+/// The experts' weights last computed by `predict`, so that the `observe` that follows (which
+/// sees the same tables just before updating them) need not recompute them. Pure memoisation
+/// of [`Experts::new`] keyed by its whole input, so a hit gives exactly what a recomputation
+/// would. Behind a `Mutex` only so that `Blend` stays `Sync`: `predict` (`&self`) fills it when
+/// the lock is free (`try_lock`, never waits), `observe` (`&mut self`) reads it without locking.
+#[derive(Default)]
+struct ExpertMemo(std::sync::Mutex<Option<(Stats, Experts)>>);
+
+impl Clone for ExpertMemo {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl std::fmt::Debug for ExpertMemo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ExpertMemo")
+    }
+}
+
+/// PPM-C weights (as `rank::ppm_chain`) of orders `top` down to `low` (the last usable one),
+/// starting with escape mass `esc`.
+#[inline(always)]
+fn descend(
+    st: &[(f32, f32); SLOTS],
+    ok: &[bool; SLOTS],
+    top: usize,
+    low: usize,
+    mut esc: f32,
+    out: &mut [f32; SLOTS],
+) {
+    for i in (low + 1..=top).rev() {
+        if ok[i] {
+            let (n, u) = st[i];
+            out[i] = esc / (n + u);
+            esc *= u / (n + u);
+        }
+    }
+    out[low] = esc / st[low].0;
+}
+
 /// The tables of a view as `[scope][slot]`.
 fn tables<'a>(v: &View<'a>) -> [[Option<&'a Dist>; SLOTS]; 3] {
     std::array::from_fn(|s| {
@@ -245,7 +323,7 @@ fn tables<'a>(v: &View<'a>) -> [[Option<&'a Dist>; SLOTS]; 3] {
     })
 }
 
-fn stats_of(t: &[[Option<&Dist>; SLOTS]; 3]) -> [[(f32, f32); SLOTS]; 3] {
+fn stats_of(t: &[[Option<&Dist>; SLOTS]; 3]) -> Stats {
     std::array::from_fn(|s| {
         std::array::from_fn(|i| t[s][i].map_or((0.0, 0.0), |d| (d.total, d.entries.len() as f32)))
     })
@@ -270,6 +348,7 @@ impl Blend {
             core,
             global: Skill::default(),
             params,
+            memo: ExpertMemo::default(),
         }
     }
 
@@ -287,6 +366,21 @@ impl Blend {
         me
     }
 
+    /// [`Experts::new`] for this model's orders, through the memo (see [`ExpertMemo`]).
+    fn experts(&self, stats: &Stats) -> Experts {
+        let Ok(mut memo) = self.memo.0.try_lock() else {
+            return Experts::new(stats, self.core.hi, self.low());
+        };
+        match &*memo {
+            Some((s, ex)) if s == stats => *ex,
+            _ => {
+                let ex = Experts::new(stats, self.core.hi, self.low());
+                *memo = Some((*stats, ex));
+                ex
+            }
+        }
+    }
+
     fn low(&self) -> usize {
         self.params.low_order.min(self.core.hi)
     }
@@ -300,14 +394,19 @@ impl Blend {
         avail: &[bool; EXPERTS],
         repeat: Option<bool>,
     ) {
-        let mix: f32 = (0..EXPERTS)
-            .filter(|&e| avail[e])
-            .map(|e| skill.w[e] * probs[e])
-            .sum();
-        let mass: f32 = (0..EXPERTS).filter(|&e| avail[e]).map(|e| skill.w[e]).sum();
+        // One pass over the available experts (same sums, in the same order, as summing the
+        // filtered sequences).
+        let (mut mix, mut mass, mut n) = (0.0f32, 0.0f32, 0u32);
+        for e in 0..EXPERTS {
+            if avail[e] {
+                mix += skill.w[e] * probs[e];
+                mass += skill.w[e];
+                n += 1;
+            }
+        }
         if mix > 0.0 && mass > 0.0 {
             let mix = mix / mass;
-            let n = avail.iter().filter(|&&a| a).count() as f32;
+            let n = n as f32;
             let mut new = [0.0f32; EXPERTS];
             let mut sum = 0.0;
             for e in 0..EXPERTS {
@@ -317,10 +416,11 @@ impl Blend {
                 }
             }
             if sum > 0.0 && sum.is_finite() {
+                let (keep, spread) = (1.0 - p.share, p.share * mass / n);
                 for e in 0..EXPERTS {
                     if avail[e] {
                         let w = mass * new[e] / sum;
-                        skill.w[e] = (1.0 - p.share) * w + p.share * mass / n;
+                        skill.w[e] = keep * w + spread;
                     }
                 }
             }
@@ -354,7 +454,10 @@ impl Blend {
                 stats[s][slot] = (pre.total, pre.distinct);
                 counts[s][slot] = pre.count;
             });
-        let ex = Experts::new(&stats, self.core.hi, self.low());
+        let ex = match self.memo.0.get_mut() {
+            Ok(Some((memo_stats, ex))) if *memo_stats == stats => *ex,
+            _ => Experts::new(&stats, self.core.hi, self.low()),
+        };
         let mut probs = [0.0f32; EXPERTS];
         for (e, p) in probs.iter_mut().enumerate() {
             *p = ex.w[e].iter().zip(&counts[e / 3]).map(|(w, n)| w * n).sum();
@@ -416,7 +519,7 @@ impl Blend {
                 d.entries
                     .iter()
                     .find(|e| e.service == cand.service)
-                    .map_or(0.0, |e| e.count / d.total.max(f32::MIN_POSITIVE))
+                    .map_or(0.0, |e| e.count * d.scale / d.total.max(f32::MIN_POSITIVE))
             });
             let miss_later = (1.0 - q.clamp(0.0, 1.0)).powf(steps - 1.0);
             let p_seq = 1.0 - (1.0 - p1) * miss_later;
@@ -438,7 +541,7 @@ impl Blend {
         let v = self.core.view(c);
         let t = tables(&v);
         let stats = stats_of(&t);
-        let ex = Experts::new(&stats, self.core.hi, self.low());
+        let ex = self.experts(&stats);
         let skill = if c.events >= self.params.own_after {
             &c.ext
         } else {

@@ -33,6 +33,8 @@ pub(crate) const GLOBAL: usize = 2;
 
 /// Highest supported order.
 pub(crate) const MAX_ORDER: usize = 4;
+// `Core::learn_with` shifts histories with an explicit four-element literal.
+const _: () = assert!(MAX_ORDER == 4);
 
 const TAG_CLIENT: u64 = 1 << 62;
 const TAG_GROUP: u64 = 2 << 62;
@@ -257,8 +259,8 @@ impl<X: Clone> Core<X> {
         if order > 0 && hist[order - 1] == NONE {
             return None;
         }
-        let mut h = [NONE; MAX_ORDER];
-        h[..order].copy_from_slice(&hist[..order]);
+        // Element-wise select: a variable-length `copy_from_slice` becomes a `memcpy` call.
+        let h = std::array::from_fn(|i| if i < order { hist[i] } else { NONE });
         Some(CtxKey { scope, hist: h })
     }
 
@@ -332,9 +334,7 @@ impl<X: Clone> Core<X> {
         } else {
             0.0
         };
-        let mut next_hist = hist;
-        next_hist.rotate_right(1);
-        next_hist[0] = service;
+        let next_hist = [service, hist[0], hist[1], hist[2]];
         let mut next = Handles::default();
         for (scope, id) in ids.into_iter().enumerate() {
             let Some(id) = id else { continue };
@@ -509,6 +509,9 @@ impl<X: Clone> Core<X> {
         let mut ctx = s.ctx;
         for (_, d) in &mut ctx {
             d.entries.truncate(max_entries);
+            if !(d.scale > 0.0 && d.scale <= 1.0) {
+                d.renormalise();
+            }
         }
         self.ctx = Slab::from_entries(self.ctx.cap(), ttl, ctx);
     }

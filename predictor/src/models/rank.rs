@@ -45,6 +45,7 @@ pub(crate) struct Cands {
 }
 
 impl Cands {
+    #[inline(always)]
     pub fn new() -> Self {
         Self {
             items: [Cand::default(); MAX_CANDS],
@@ -109,6 +110,8 @@ impl Cands {
     /// Adds `weight` × count of the `top` most counted entries of `d`.
     #[inline]
     pub fn add_top(&mut self, d: &Dist, weight: f32, top: usize) {
+        // Stored counts are in units of the table's scale (lazy decay, see `Dist`).
+        let weight = weight * d.scale;
         if weight <= 0.0 {
             return;
         }
@@ -149,7 +152,9 @@ impl Cands {
             let mut top = [Cand::default(); SMALL_K];
             let mut n = 0;
             for c in items.iter() {
-                if n == k && better(c, &top[k - 1]).is_ge() {
+                // Fast reject: a score below the k-th best (plain float comparison, which
+                // implies `total_cmp` agrees) cannot enter; anything else takes the full test.
+                if n == k && (c.score < top[k - 1].score || better(c, &top[k - 1]).is_ge()) {
                     continue;
                 }
                 let mut i = if n < k { n } else { k - 1 };
