@@ -180,3 +180,61 @@ async fn failures_close_the_local_client_promptly() {
     a.shutdown().await;
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_client_is_closed_promptly_when_the_far_peer_dies() {
+    let ca = test_ca();
+    let backend = echo_server().await;
+    let a = spawn(&ca, "a", &[], vec![], upstream("echo")).await;
+    let c_identity = identity(&ca, "c");
+    let boot = a.addr();
+    let (kill_tx, kill_rx) = std::sync::mpsc::channel::<()>();
+    let (up_tx, up_rx) = tokio::sync::oneshot::channel();
+    // c runs on its own runtime: dropping it is a crash (no leave, no close frames).
+    let victim = std::thread::spawn(move || {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let mut cfg = config(&[boot], 9);
+            cfg.services = vec![ServiceConfig {
+                name: "echo".into(),
+                backend,
+            }];
+            let n = overlay::Node::bind("127.0.0.1:0".parse().unwrap(), c_identity, cfg)
+                .await
+                .unwrap();
+            up_tx.send(()).unwrap();
+            n
+        });
+        kill_rx.recv().unwrap();
+        rt.shutdown_background();
+    });
+    up_rx.await.unwrap();
+    timeout(
+        BOUND,
+        a.wait_catalog(|s| s.iter().any(|e| e.name == "echo")),
+    )
+    .await
+    .unwrap();
+    let port = a.upstream_addrs()[0].1;
+    let mut s = tokio::net::TcpStream::connect(port).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut s, b"ping")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 4];
+    timeout(BOUND, s.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf, b"ping", "stream is up before the crash");
+
+    kill_tx.send(()).unwrap();
+    victim.join().unwrap();
+    // Membership declares c down within ~1 s (test timings); the QUIC idle timeout is 30 s.
+    let mut rest = Vec::new();
+    let closed = timeout(Duration::from_secs(10), s.read_to_end(&mut rest)).await;
+    assert!(
+        closed.is_ok(),
+        "client connection closed promptly after the peer died"
+    );
+    a.shutdown().await;
+}

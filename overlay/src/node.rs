@@ -1312,6 +1312,11 @@ fn drain_membership(
                     changed = true;
                 }
                 lock(&inner.dial_locks).remove(&p.node_id);
+                // Streams through a dead peer fail now, not after the QUIC idle timeout; the
+                // local clients of those streams see their connections closed promptly.
+                if let Some((conn, _)) = lock(&inner.conns).remove(&p.node_id) {
+                    conn.close(VarInt::from_u32(code::OK), b"member down");
+                }
                 if write(&inner.catalog).remove_peer(p.node_id) {
                     inner.catalog_version.send_modify(|v| *v += 1);
                 }
