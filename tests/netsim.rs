@@ -1,0 +1,243 @@
+//! netsim end to end: the physics of the virtual network with the real peer code on it, and a
+//! small scenario run as CI would. Everything runs in virtual time (paused tokio clock), so
+//! these take a few seconds of wall time in debug builds and never sleep on the wall clock.
+
+use std::time::Duration;
+
+use netsim::report::{Outcome, RequestRecord};
+use netsim::{Mode, RunOptions, Scenario};
+
+fn run(toml: &str, sets: &[&str]) -> (netsim::Report, Vec<RequestRecord>) {
+    let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+    let sc = Scenario::parse(toml, &sets).expect("scenario parses");
+    netsim::run(&sc, Mode::Reactive, RunOptions::default()).expect("run completes")
+}
+
+fn ms(r: &RequestRecord) -> f64 {
+    r.first_byte.expect("answered").as_secs_f64() * 1000.0
+}
+
+/// Two peers 20 ms apart. Membership probes once a minute and connections idle out after 2 s,
+/// so a request 6 s in finds no connection (cold) and one right after finds it open (warm).
+const TWO_PEERS: &str = r#"
+name = "two-peers"
+warmup_s = 0
+duration_s = 12
+[topology]
+peers = 2
+[links]
+rtt_ms = 20
+[peers]
+probe_period_ms = 60000
+idle_timeout_ms = 2000
+[workload]
+kind = "script"
+script = [[6000, 0, 0], [6500, 0, 0], [10000, 0, 0], [10500, 0, 0], [10600, 0, 0]]
+"#;
+
+#[test]
+fn cold_request_takes_two_rtt_and_open_connection_one_rtt() {
+    let (report, recs) = run(TWO_PEERS, &[]);
+    assert_eq!(report.requests.ok, 5, "{recs:?}");
+    for r in &recs {
+        assert_eq!(r.server, Some(1));
+        assert_eq!(r.path_rtt, Some(Duration::from_millis(20)));
+    }
+    let cold: Vec<f64> = recs.iter().filter(|r| r.cold).map(ms).collect();
+    let warm: Vec<f64> = recs.iter().filter(|r| !r.cold).map(ms).collect();
+    assert_eq!(
+        cold.len(),
+        2,
+        "the requests after idle periods paid a handshake"
+    );
+    assert_eq!(warm.len(), 3);
+    for c in cold {
+        assert!((40.0..=41.0).contains(&c), "cold first byte {c} ms: 2 RTT");
+    }
+    for w in warm {
+        assert!((19.0..=21.0).contains(&w), "warm first byte {w} ms: 1 RTT");
+    }
+}
+
+#[test]
+fn handshake_cpu_charge_adds_to_cold_requests_only() {
+    let (_, recs) = run(TWO_PEERS, &["peers.handshake_cpu_us=350"]);
+    for r in &recs {
+        let t = ms(r);
+        if r.cold {
+            // One charge per side on the critical path: client after its handshake, server
+            // before it serves the stream.
+            assert!((40.7..=41.5).contains(&t), "cold {t} ms");
+        } else {
+            assert!((19.0..=21.0).contains(&t), "warm {t} ms");
+        }
+    }
+}
+
+/// Two peers 20 ms apart, one client sending 25 requests per second on a kept-alive
+/// connection.
+const LOSSY: &str = r#"
+name = "lossy"
+warmup_s = 3
+duration_s = 40
+[topology]
+peers = 2
+[links]
+rtt_ms = 20
+[workload]
+kind = "poisson"
+rate_per_client = 25.0
+timeout_ms = 5000
+"#;
+
+#[test]
+fn one_percent_loss_slows_the_tail_not_the_median() {
+    let (clean, _) = run(LOSSY, &[]);
+    let (lossy, _) = run(LOSSY, &["links.loss=0.01"]);
+    assert!(clean.requests.total > 800, "{}", clean.requests.total);
+    assert_eq!(clean.requests.failed, 0);
+    assert_eq!(lossy.requests.failed, 0, "QUIC recovers every loss");
+    assert!(lossy.net.dropped_loss > 0);
+    assert!(
+        (clean.first_byte_ms.p50 - 20.0).abs() <= 1.0,
+        "{:?}",
+        clean.first_byte_ms
+    );
+    assert!(
+        (lossy.first_byte_ms.p50 - clean.first_byte_ms.p50).abs() <= 1.0,
+        "median unchanged: {} vs {}",
+        lossy.first_byte_ms.p50,
+        clean.first_byte_ms.p50
+    );
+    assert!(
+        lossy.first_byte_ms.p99 > clean.first_byte_ms.p99 + 10.0,
+        "tail slower: {} vs {}",
+        lossy.first_byte_ms.p99,
+        clean.first_byte_ms.p99
+    );
+}
+
+/// Client 0; service s0 on peers 1 and 2; 0 ↔ 1 cut from 10 s to 20 s.
+const PARTITION: &str = r#"
+name = "partition"
+warmup_s = 5
+duration_s = 25
+[topology]
+peers = 3
+[links]
+rtt_ms = 20
+[services]
+placement = [[1, 2]]
+[workload]
+kind = "poisson"
+clients = 1
+rate_per_client = 10.0
+timeout_ms = 1000
+retries = 1
+[[faults]]
+at_s = 10
+kind = "partition"
+a = [0]
+b = [1]
+[[faults]]
+at_s = 20
+kind = "heal"
+"#;
+
+#[test]
+fn partition_makes_requests_fail_or_reroute_never_cross_the_cut() {
+    let (report, recs) = run(PARTITION, &[]);
+    assert_eq!(report.requests.through_cut, 0);
+    let during = |r: &&RequestRecord| r.at_s >= 10.0 && r.at_s + 2.5 < 20.0;
+    let cut: Vec<&RequestRecord> = recs.iter().filter(during).collect();
+    assert!(cut.len() > 50);
+    for r in &cut {
+        assert_ne!(r.server, Some(1), "answered through the cut: {r:?}");
+    }
+    assert!(
+        cut.iter().any(|r| r.outcome != Outcome::Ok),
+        "the cut shows as failures or retries"
+    );
+    assert!(
+        cut.iter().any(|r| r.server == Some(2)),
+        "peer 2 still serves"
+    );
+    let before: Vec<&RequestRecord> = recs.iter().filter(|r| r.at_s + 2.5 < 10.0).collect();
+    assert!(
+        before.iter().any(|r| r.server == Some(1)),
+        "both providers used before"
+    );
+    assert!(before.iter().all(|r| r.outcome == Outcome::Ok));
+    assert!(report.net.dropped_partition > 0);
+}
+
+const SMALL: &str = include_str!("../netsim/scenarios/small.toml");
+
+#[test]
+fn small_scenario_is_deterministic() {
+    let sets = ["duration_s=8"];
+    let (a, ra) = run(SMALL, &sets);
+    let (b, rb) = run(SMALL, &sets);
+    assert!(a.requests.total > 50);
+    assert_eq!(a.requests.failed, 0);
+    assert!(a.membership.converged_s.is_some());
+    let ja = serde_json::to_string(&a.without_varying_fields()).unwrap();
+    let jb = serde_json::to_string(&b.without_varying_fields()).unwrap();
+    assert_eq!(ja, jb, "same scenario and seed, same report");
+    assert_eq!(
+        serde_json::to_string(&ra).unwrap(),
+        serde_json::to_string(&rb).unwrap()
+    );
+}
+
+#[test]
+fn membership_detects_a_crash() {
+    let (report, _) = run(
+        r#"
+name = "crash"
+warmup_s = 3
+duration_s = 12
+[topology]
+peers = 6
+[[faults]]
+at_s = 5
+kind = "crash"
+peers = [5]
+"#,
+        &[],
+    );
+    let d = &report.membership.crashes[0];
+    assert_eq!(d.observers, 5);
+    assert_eq!(d.detected, 5, "{d:?}");
+    let all = d.all_s.expect("every live peer marked it down");
+    // Probe 1 s + ack 0.5 s + suspicion 4 s, give or take a probe period.
+    assert!((1.0..=10.0).contains(&all), "{all}");
+    assert_eq!(report.membership.false_downs, 0);
+}
+
+#[test]
+fn real_time_mode_agrees_on_a_warm_request() {
+    let (report, recs) = run(
+        TWO_PEERS,
+        &[
+            "time=\"real\"",
+            "duration_s=0.8",
+            "workload.script=[[500, 0, 0], [600, 0, 0]]",
+            "peers.idle_timeout_ms=30000",
+        ],
+    );
+    assert_eq!(report.time, "real");
+    assert_eq!(report.requests.ok, 2, "{recs:?}");
+    // Wall-clock timers: allow scheduling slack, but the path is still one 20 ms RTT.
+    let t = ms(&recs[1]);
+    assert!(
+        (19.0..=35.0).contains(&t),
+        "warm first byte in real time: {t} ms"
+    );
+}
+
+#[test]
+fn unknown_mode_lists_valid_modes() {
+    let e = Mode::from_name("nope").unwrap_err().to_string();
+    assert!(e.contains("reactive"), "{e}");
+}
