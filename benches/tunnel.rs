@@ -81,7 +81,11 @@ async fn raw_quinn_pair(
             });
         }
     });
-    let (client, cfg) = raw_client(&identity(ca, "raw-client"));
+    let (client, mut cfg) = raw_client(&identity(ca, "raw-client"));
+    // Keep the connection open between benchmark groups (quinn's default idle timeout is 30 s).
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(Duration::from_secs(1)));
+    cfg.transport_config(Arc::new(transport));
     let conn = client
         .connect_with(cfg, saddr, &overlay::tls::server_name_for(None))
         .unwrap()
