@@ -140,6 +140,7 @@ const RENORM: f32 = 1e-12;
 impl Dist {
     /// Adds one occurrence of `service` at `at`, `delay_ms` after the context's last event.
     /// Returns the service's count just before (not decayed) and its position afterwards.
+    #[inline(always)]
     pub fn observe(&mut self, service: u32, at: u64, delay_ms: f32, decay: &Decay) -> (f32, usize) {
         let found = self.entries.iter().position(|e| e.service == service);
         let before = found.map_or(0.0, |i| self.entries[i].count * self.scale);
@@ -386,12 +387,22 @@ impl<K: Copy + Eq + Hash + Ord, V: Stamped + Default> Slab<K, V> {
     }
 
     /// `hint` if it holds `key`, else the slot found by a hash lookup.
-    #[inline]
+    #[cfg(test)]
     pub fn resolve(&self, hint: u32, key: &K) -> Option<u32> {
         if self.holds(hint, key) {
             Some(hint)
         } else {
             self.slot_of(key)
+        }
+    }
+
+    /// The value for `key`: in `hint` if that slot holds it (one check, no hash lookup), else
+    /// found by a hash lookup.
+    #[inline]
+    pub fn get_hinted(&self, hint: u32, key: &K) -> Option<&V> {
+        match self.slots.get(hint as usize) {
+            Some(s) if s.live && s.key == *key => Some(&s.value),
+            _ => self.slot_of(key).and_then(|s| self.at(s)),
         }
     }
 
@@ -677,6 +688,7 @@ mod tests {
             let key = i as u32;
             assert_eq!(s.holds(h, &key), s.slot_of(&key) == Some(h));
             assert_eq!(s.resolve(h, &key), s.slot_of(&key));
+            assert_eq!(s.get_hinted(h, &key), s.slot_of(&key).and_then(|x| s.at(x)));
         }
         assert!(s.slot_of(&99).is_some() && s.slot_of(&0).is_none());
         assert!(s.slots.len() <= 8, "evicted slots are reused");

@@ -288,3 +288,45 @@ fn horizon_ranking_keeps_a_periodic_service_warm_when_due() {
     // The next-request ranking is unchanged by the horizon API.
     assert_ne!(top(&p, pod, at + 5).as_deref(), Some("cron"));
 }
+
+#[test]
+fn predictor_stays_send_and_sync_and_clones_behave_alike() {
+    // The blend's expert memo must not make the front `!Sync` (the daemon may share it).
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Predictor>();
+    let mut a = Predictor::new(PredictorConfig::default());
+    for (i, s) in ["x", "y", "z", "x", "y"].iter().enumerate() {
+        a.observe_named("c-1", s, i as u64 * 10);
+    }
+    // A clone starts with an empty memo; the memo never changes a result.
+    let mut b = a.clone();
+    assert_eq!(a.predict_named("c-1", 60, 3), b.predict_named("c-1", 60, 3));
+    a.observe_named("c-1", "z", 60);
+    b.observe_named("c-1", "z", 60);
+    assert_eq!(a.snapshot(), b.snapshot());
+}
+
+#[test]
+fn expert_memo_never_changes_what_is_learned() {
+    // `observe` reuses the experts' weights of the `predict` just before it when the tables
+    // match; learning with and without those predictions must give identical models.
+    for name in ["trainticket-head2000.csv", "nasa-jul-head2000.csv"] {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(name);
+        let t = trace::read(File::open(&path).expect("fixture exists"), OnError::Stop)
+            .expect("fixture is clean");
+        let mut with = Predictor::new(PredictorConfig::default());
+        let mut without = Predictor::new(PredictorConfig::default());
+        for (i, e) in t.events.iter().enumerate() {
+            with.predict_named(&e.client, e.ts_ms, 3);
+            if i % 7 == 0 {
+                // Also a stale memo: another client's prediction in between.
+                with.predict_named(&t.events[i / 2].client, e.ts_ms, 3);
+            }
+            with.observe_named(&e.client, &e.service, e.ts_ms);
+            without.observe_named(&e.client, &e.service, e.ts_ms);
+        }
+        assert!(with.snapshot() == without.snapshot(), "{name}");
+    }
+}

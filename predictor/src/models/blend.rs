@@ -367,6 +367,7 @@ impl Blend {
     }
 
     /// [`Experts::new`] for this model's orders, through the memo (see [`ExpertMemo`]).
+    /// [`Experts::new`] for this model's orders, through the memo (see [`ExpertMemo`]).
     fn experts(&self, stats: &Stats) -> Experts {
         let Ok(mut memo) = self.memo.0.try_lock() else {
             return Experts::new(stats, self.core.hi, self.low());
@@ -643,5 +644,60 @@ impl Model for Blend {
 
     fn clients(&self) -> usize {
         self.core.clients.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::rank::ppm_chain;
+
+    /// The reference: the generic PPM-C chain walker over the three chains.
+    fn reference(stats: &Stats, hi: usize, lo: usize) -> Experts {
+        let mut w = [[0.0; SLOTS]; EXPERTS];
+        let mut avail = [false; EXPERTS];
+        let long: [usize; MAX_ORDER + 1] = std::array::from_fn(|i| hi.saturating_sub(i));
+        let short: [usize; MAX_ORDER + 1] = std::array::from_fn(|i| lo.saturating_sub(i));
+        let bag = [BAG_SLOT, 1, 0];
+        for s in [CLIENT, GROUP, GLOBAL] {
+            ppm_chain(&stats[s], &long[..=hi], &mut w[3 * s]);
+            ppm_chain(&stats[s], &short[..=lo], &mut w[3 * s + 1]);
+            if stats[s][BAG_SLOT].0 > 0.0 {
+                ppm_chain(&stats[s], &bag, &mut w[3 * s + 2]);
+            }
+            for e in 3 * s..3 * s + 3 {
+                avail[e] = w[e].iter().any(|&x| x > 0.0);
+            }
+        }
+        Experts { w, avail }
+    }
+
+    #[test]
+    fn specialised_expert_weights_are_bit_identical_to_the_chain_walker() {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..20_000 {
+            let stats: Stats = std::array::from_fn(|_| {
+                std::array::from_fn(|_| match next() % 4 {
+                    0 => (0.0, 0.0),
+                    1 => ((next() % 1000) as f32 / 7.0, 0.0),
+                    _ => ((next() % 1000) as f32 / 7.0, (next() % 24) as f32),
+                })
+            });
+            for (hi, lo) in [(4, 1), (4, 0), (2, 1), (1, 1), (3, 2)] {
+                let (a, b) = (Experts::new(&stats, hi, lo), reference(&stats, hi, lo));
+                assert_eq!(a.avail, b.avail, "{stats:?} {hi} {lo}");
+                for e in 0..EXPERTS {
+                    for i in 0..SLOTS {
+                        assert_eq!(a.w[e][i].to_bits(), b.w[e][i].to_bits(), "{stats:?}");
+                    }
+                }
+            }
+        }
     }
 }

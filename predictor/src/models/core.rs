@@ -290,7 +290,7 @@ impl<X: Clone> Core<X> {
                 if scope == CLIENT && hint == ABSENT {
                     return None;
                 }
-                self.ctx.resolve(hint, &key).and_then(|s| self.ctx.at(s))
+                self.ctx.get_hinted(hint, &key)
             };
             if self.bag {
                 bag[scope] = find(Self::bag_key(id, &c.hist), hints[BAG_SLOT]);
@@ -403,23 +403,7 @@ impl<X: Clone> Core<X> {
                 (0, _) => done[0]
                     .filter(|(s, k, _)| self.ctx.holds(*s, k))
                     .map_or_else(|| self.ctx.slot_of(&key).unwrap_or(miss), |d| d.0),
-                (_, Some((ps, _, pos))) => {
-                    let link = self
-                        .ctx
-                        .at(ps)
-                        .and_then(|d| d.entries.get(pos))
-                        .map_or(NO_SLOT, |e| e.child);
-                    if self.ctx.holds(link, &key) {
-                        link
-                    } else if let Some(found) = self.ctx.slot_of(&key) {
-                        if let Some(e) = self.ctx.at_mut(ps).and_then(|d| d.entries.get_mut(pos)) {
-                            e.child = found;
-                        }
-                        found
-                    } else {
-                        miss
-                    }
-                }
+                (_, Some((ps, _, pos))) => self.follow(ps, pos, &key, miss),
                 (_, None) => self.ctx.slot_of(&key).unwrap_or(miss),
             };
         }
@@ -429,6 +413,27 @@ impl<X: Clone> Core<X> {
             }
         }
         out
+    }
+
+    /// The slot of `key`, following the link of entry `pos` of the table in slot `ps` (and
+    /// refreshing that link after a hash lookup); `miss` if the table does not exist.
+    #[inline(always)]
+    fn follow(&mut self, ps: u32, pos: usize, key: &CtxKey, miss: u32) -> u32 {
+        let link = self
+            .ctx
+            .at(ps)
+            .and_then(|d| d.entries.get(pos))
+            .map_or(NO_SLOT, |e| e.child);
+        if self.ctx.holds(link, key) {
+            link
+        } else if let Some(found) = self.ctx.slot_of(key) {
+            if let Some(e) = self.ctx.at_mut(ps).and_then(|d| d.entries.get_mut(pos)) {
+                e.child = found;
+            }
+            found
+        } else {
+            miss
+        }
     }
 
     pub fn forget_client(&mut self, client: ClientId) {

@@ -115,7 +115,7 @@ impl Cands {
         if weight <= 0.0 {
             return;
         }
-        for e in d.entries.iter().take(top) {
+        for e in &d.entries[..top.min(d.entries.len())] {
             self.add(e.service, weight * e.count, e.delay_ms);
         }
     }
