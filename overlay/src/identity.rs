@@ -180,24 +180,24 @@ pub fn write_private_file(
     contents: &[u8],
     overwrite: bool,
 ) -> Result<(), IdentityError> {
-    use std::os::unix::fs::OpenOptionsExt;
-
-    use atomic_write_file::unix::OpenOptionsExt as _;
-
-    if !overwrite && path.exists() {
-        return Err(IdentityError::Exists(path.to_owned()));
-    }
-    let mut opts = atomic_write_file::OpenOptions::new();
-    opts.preserve_mode(false).mode(0o600);
-    let mut file = opts.open(path).map_err(io_err(path))?;
-    file.write_all(contents).map_err(io_err(path))?;
-    file.commit().map_err(io_err(path))
+    write_file_atomic(path, contents, 0o600, overwrite)
 }
 
 /// Writes a public file (certificate) atomically with mode 0644.
 pub fn write_public_file(
     path: &Path,
     contents: &[u8],
+    overwrite: bool,
+) -> Result<(), IdentityError> {
+    write_file_atomic(path, contents, 0o644, overwrite)
+}
+
+/// Writes through a temporary file renamed into place, with `mode` set from creation (the
+/// content is never readable with wider permissions, not even briefly).
+fn write_file_atomic(
+    path: &Path,
+    contents: &[u8],
+    mode: u32,
     overwrite: bool,
 ) -> Result<(), IdentityError> {
     use std::os::unix::fs::OpenOptionsExt;
@@ -208,7 +208,7 @@ pub fn write_public_file(
         return Err(IdentityError::Exists(path.to_owned()));
     }
     let mut opts = atomic_write_file::OpenOptions::new();
-    opts.preserve_mode(false).mode(0o644);
+    opts.preserve_mode(false).mode(mode);
     let mut file = opts.open(path).map_err(io_err(path))?;
     file.write_all(contents).map_err(io_err(path))?;
     file.commit().map_err(io_err(path))
