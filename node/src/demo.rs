@@ -67,7 +67,7 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
         dir.path().display()
     );
     let backend = echo_backend().await?;
-    let names = ["alpha", "bravo", "charlie"];
+    let names = ["charlie", "bravo", "alpha"];
     let membership = MembershipConfig {
         probe_period: Duration::from_millis(500),
         probe_rtt: Duration::from_millis(200),
@@ -76,6 +76,7 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
     };
     let mut nodes: Vec<Node> = Vec::new();
     let mut admins = Vec::new();
+    let mut secure_key: Option<overlay::auth::secret::SecretString> = None;
     let started = Instant::now();
     for (i, name) in names.iter().enumerate() {
         let out = dir.path().join(name);
@@ -98,12 +99,33 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
             });
         }
         if *name == "alpha" {
-            cfg.upstreams.push(UpstreamConfig {
-                service: "echo".into(),
-                listen: "127.0.0.1:0".parse()?,
-            });
+            for service in ["echo", "secure-echo"] {
+                cfg.upstreams.push(UpstreamConfig {
+                    service: service.into(),
+                    listen: "127.0.0.1:0".parse()?,
+                });
+            }
+            if let Some(key) = secure_key.take() {
+                cfg.auth.upstream_keys.insert("secure-echo".into(), key);
+            }
         }
         let node = Node::bind("127.0.0.1:0".parse()?, id, cfg).await?;
+        if *name == "charlie" {
+            // A second service that requires a token: registered at runtime with its policy,
+            // and an API key that alpha will use to fetch (and refresh) tokens from charlie.
+            let policy = overlay::auth::policy::Policy {
+                require_token: true,
+                ..Default::default()
+            };
+            node.register_service("secure-echo", backend, Some(policy))
+                .await
+                .context("registering secure-echo")?;
+            let (_key_id, key) = node
+                .create_api_key("secure-echo")
+                .await
+                .context("creating an API key")?;
+            secure_key = Some(key);
+        }
         let admin = TcpListener::bind("127.0.0.1:0").await?;
         admins.push((name.to_string(), admin.local_addr()?));
         let n = node.clone();
@@ -117,27 +139,31 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
         );
         nodes.push(node);
     }
-    let alpha = nodes[0].clone();
-    let charlie_id = nodes[2].node_id();
+    let alpha = nodes[2].clone();
+    let charlie_id = nodes[0].node_id();
     tokio::time::timeout(Duration::from_secs(15), async {
         for n in &nodes {
             n.wait_members(|m| m == names.len() - 1).await;
         }
         alpha
             .wait_catalog(|s| {
-                s.iter()
-                    .any(|e| e.name == "echo" && e.node_id.0 == charlie_id)
+                ["echo", "secure-echo"].iter().all(|svc| {
+                    s.iter()
+                        .any(|e| e.name == *svc && e.node_id.0 == charlie_id)
+                })
             })
             .await;
     })
     .await
     .context("the demo overlay did not converge within 15 s")?;
     println!(
-        "overlay converged in {} (3 peers joined through alpha; alpha sees charlie's `echo`)",
+        "overlay converged in {} (3 peers joined through charlie; alpha sees charlie's `echo` and `secure-echo`)",
         ms(started.elapsed())
     );
 
-    let port = alpha.upstream_addrs()[0].1;
+    let ups = alpha.upstream_addrs();
+    let port_of = |svc: &str| ups.iter().find(|(n, _)| n == svc).map(|(_, a)| *a);
+    let port = port_of("echo").context("echo upstream")?;
     println!("sending through alpha's upstream port {port} → QUIC → charlie → echo backend");
     let payload = [0x5a_u8; 64];
     let cold = round_trip(port, &payload).await?;
@@ -179,6 +205,22 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
         "  8 MiB echoed intact in {} ({:.0} MB/s each way)",
         ms(t.elapsed()),
         8.0 * 1.048_576 / secs
+    );
+    let secure = port_of("secure-echo").context("secure-echo upstream")?;
+    println!("authenticated path: alpha's `secure-echo` port {secure} → charlie (token required)");
+    let first = round_trip(secure, &payload).await?;
+    println!(
+        "  first request (API key → token from charlie over the overlay, then the stream): {}",
+        ms(first)
+    );
+    let mut lat = Vec::with_capacity(50);
+    for _ in 0..50 {
+        lat.push(round_trip(secure, &payload).await?);
+    }
+    lat.sort();
+    println!(
+        "  50 more requests (token cached by alpha, verification cached by charlie): p50 {}",
+        ms(lat[lat.len() / 2])
     );
     println!("peers as alpha sees them:");
     for p in alpha.peers().await {
