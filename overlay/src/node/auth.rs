@@ -767,6 +767,28 @@ async fn read_request(
     }
 }
 
+/// Reads one request frame and decodes it; on failure resets the stream (with the decoder's
+/// code) and returns None.
+async fn read_decoded<T>(
+    inner: &Arc<Inner>,
+    peer: &CertInfo,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    decode: impl FnOnce(&[u8]) -> Result<T, wire::WireError>,
+    what: &str,
+) -> Option<T> {
+    let body = read_request(inner, peer, send, recv).await?;
+    match decode(&body) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            stats::inc(&inner.stats.stream_errors);
+            warn!(peer = %peer.node_id.fmt_short(), error = %e, "bad {what}");
+            reset(send, recv, e.code());
+            None
+        }
+    }
+}
+
 async fn reply<T: Serialize>(send: &mut quinn::SendStream, msg: &T) {
     match wire::encode_frame(msg) {
         Ok(frame) => {
@@ -785,17 +807,17 @@ pub(super) async fn serve_token_request(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
-    let Some(body) = read_request(inner, peer, &mut send, &mut recv).await else {
+    let Some(req) = read_decoded(
+        inner,
+        peer,
+        &mut send,
+        &mut recv,
+        wire::decode_token_request,
+        "token request",
+    )
+    .await
+    else {
         return;
-    };
-    let req = match wire::decode_token_request(&body) {
-        Ok(r) => r,
-        Err(e) => {
-            stats::inc(&inner.stats.stream_errors);
-            warn!(peer = %peer.node_id.fmt_short(), error = %e, "bad token request");
-            reset(&mut send, &mut recv, e.code());
-            return;
-        }
     };
     let api_key = Zeroizing::new(req.api_key);
     let caller = Caller::from(peer);
@@ -820,17 +842,17 @@ pub(super) async fn serve_discover(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
-    let Some(body) = read_request(inner, peer, &mut send, &mut recv).await else {
+    let Some(req) = read_decoded(
+        inner,
+        peer,
+        &mut send,
+        &mut recv,
+        wire::decode_discover_request,
+        "discovery request",
+    )
+    .await
+    else {
         return;
-    };
-    let req = match wire::decode_discover_request(&body) {
-        Ok(r) => r,
-        Err(e) => {
-            stats::inc(&inner.stats.stream_errors);
-            warn!(peer = %peer.node_id.fmt_short(), error = %e, "bad discovery request");
-            reset(&mut send, &mut recv, e.code());
-            return;
-        }
     };
     let credential = Zeroizing::new(req.credential);
     let caller = Caller::from(peer);
@@ -854,17 +876,17 @@ pub(super) async fn serve_revocations(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
-    let Some(body) = read_request(inner, peer, &mut send, &mut recv).await else {
+    let Some(batch) = read_decoded(
+        inner,
+        peer,
+        &mut send,
+        &mut recv,
+        wire::decode_revocations,
+        "revocation batch",
+    )
+    .await
+    else {
         return;
-    };
-    let batch = match wire::decode_revocations(&body) {
-        Ok(b) => b,
-        Err(e) => {
-            stats::inc(&inner.stats.stream_errors);
-            warn!(peer = %peer.node_id.fmt_short(), error = %e, "bad revocation batch");
-            reset(&mut send, &mut recv, e.code());
-            return;
-        }
     };
     let _ = send.finish();
     let mut fresh = Vec::new();
