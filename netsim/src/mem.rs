@@ -19,6 +19,8 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use tokio::sync::mpsc;
 
+use crate::net::{datagrams, AlwaysWritable};
+
 /// Packets queued per socket before new ones are dropped.
 pub const QUEUE_PACKETS: usize = 4096;
 
@@ -125,15 +127,6 @@ impl fmt::Debug for MemSocket {
     }
 }
 
-#[derive(Debug)]
-struct AlwaysWritable;
-
-impl UdpPoller for AlwaysWritable {
-    fn poll_writable(self: Pin<&mut Self>, _cx: &mut Context) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-}
-
 impl AsyncUdpSocket for MemSocket {
     fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
         Box::pin(AlwaysWritable)
@@ -143,15 +136,8 @@ impl AsyncUdpSocket for MemSocket {
         if self.down.load(Ordering::Relaxed) {
             return Ok(());
         }
-        match transmit.segment_size {
-            Some(seg) if seg > 0 => {
-                for chunk in transmit.contents.chunks(seg) {
-                    self.net.deliver(self.addr, transmit.destination, chunk);
-                }
-            }
-            _ => self
-                .net
-                .deliver(self.addr, transmit.destination, transmit.contents),
+        for datagram in datagrams(transmit) {
+            self.net.deliver(self.addr, transmit.destination, datagram);
         }
         Ok(())
     }

@@ -414,6 +414,15 @@ async fn drive(sh: Arc<Shared>) {
     }
 }
 
+/// The datagrams of one quinn transmit (split at `segment_size` when quinn batches, GSO-style).
+pub(crate) fn datagrams<'a>(transmit: &'a Transmit<'_>) -> std::slice::Chunks<'a, u8> {
+    let seg = match transmit.segment_size {
+        Some(seg) if seg > 0 => seg,
+        _ => transmit.contents.len().max(1),
+    };
+    transmit.contents.chunks(seg)
+}
+
 /// One peer's socket on a [`SimNet`].
 pub struct SimSocket {
     addr: SocketAddr,
@@ -429,8 +438,9 @@ impl fmt::Debug for SimSocket {
     }
 }
 
+/// A simulated socket never blocks on send (a full queue drops, as UDP would).
 #[derive(Debug)]
-struct AlwaysWritable;
+pub(crate) struct AlwaysWritable;
 
 impl UdpPoller for AlwaysWritable {
     fn poll_writable(self: Pin<&mut Self>, _cx: &mut Context) -> Poll<io::Result<()>> {
@@ -447,15 +457,8 @@ impl AsyncUdpSocket for SimSocket {
         if lock(&self.inbox).down {
             return Ok(());
         }
-        match transmit.segment_size {
-            Some(seg) if seg > 0 => {
-                for chunk in transmit.contents.chunks(seg) {
-                    self.net.send(self.addr, transmit.destination, chunk);
-                }
-            }
-            _ => self
-                .net
-                .send(self.addr, transmit.destination, transmit.contents),
+        for datagram in datagrams(transmit) {
+            self.net.send(self.addr, transmit.destination, datagram);
         }
         Ok(())
     }
