@@ -6,6 +6,7 @@
 //! - [`membership`]: SWIM membership (foca), sans-IO.
 //! - [`catalog`]: which peers publish which services, sans-IO.
 //! - [`auth`]: service API keys, tokens, policies, rate limits, revocations, audit (sans-IO).
+//! - [`preauth`]: predictive pre-authentication decisions (the warm set per client), sans-IO.
 //! - [`node`]: the driver that owns sockets, connections, timers and tasks.
 //!
 //! The socket and runtime are injected so the network simulator runs this same code.
@@ -19,6 +20,7 @@ pub mod config;
 pub mod identity;
 pub mod membership;
 pub mod node;
+pub mod preauth;
 pub mod stats;
 pub mod tls;
 pub mod wire;
