@@ -69,6 +69,38 @@ impl Default for TransportSettings {
     }
 }
 
+/// Pre-authentication: the client side (warm paths for local clients) and the server side
+/// (what this peer accepts as speculative work and early data).
+#[derive(Clone, Debug)]
+pub struct PreauthSettings {
+    /// The engine that keeps warm paths for local clients; None: requests take the standard
+    /// path over the shared connection to each peer (the behaviour before pre-authentication).
+    pub engine: Option<crate::preauth::PreauthConfig>,
+    /// Services whose requests are idempotent and may ride in 0-RTT data. As a client: only
+    /// these are sent early. As a server: early data for any other local service waits for the
+    /// handshake to complete (so it cannot be a replay). Default: none.
+    pub idempotent: std::collections::BTreeSet<String>,
+    /// Pre-opened streams this peer holds for others at most; more are shed. Default 256.
+    pub max_preopened_inbound: usize,
+    /// Longest this peer keeps a pre-opened stream (and its backend connection) waiting for
+    /// its first byte. Default 10 s.
+    pub preopen_idle_max: Duration,
+    /// Most 0-RTT request ids remembered against replays. Default 65,536 (~100 B each).
+    pub replay_window_entries: usize,
+}
+
+impl Default for PreauthSettings {
+    fn default() -> Self {
+        Self {
+            engine: None,
+            idempotent: Default::default(),
+            max_preopened_inbound: 256,
+            preopen_idle_max: Duration::from_secs(10),
+            replay_window_entries: 65_536,
+        }
+    }
+}
+
 /// Everything a peer needs besides its identity and socket.
 #[derive(Clone)]
 pub struct NodeConfig {
@@ -96,6 +128,8 @@ pub struct NodeConfig {
     pub backend_connector: Arc<dyn BackendConnector>,
     /// Service authentication: tokens, limits, credential store, upstream API keys.
     pub auth: AuthSettings,
+    /// Predictive pre-authentication and early data.
+    pub preauth: PreauthSettings,
 }
 
 impl std::fmt::Debug for NodeConfig {
@@ -110,6 +144,7 @@ impl std::fmt::Debug for NodeConfig {
             .field("generation", &self.generation)
             .field("seed", &self.seed)
             .field("auth", &self.auth)
+            .field("preauth", &self.preauth)
             .finish_non_exhaustive()
     }
 }
@@ -129,6 +164,7 @@ impl Default for NodeConfig {
             max_join_backoff: Duration::from_secs(10),
             backend_connector: Arc::new(TcpConnector),
             auth: AuthSettings::default(),
+            preauth: PreauthSettings::default(),
         }
     }
 }

@@ -25,6 +25,6 @@ pub mod stats;
 pub mod tls;
 pub mod wire;
 
-pub use config::{NodeConfig, ServiceConfig, TransportSettings, UpstreamConfig};
+pub use config::{NodeConfig, PreauthSettings, ServiceConfig, TransportSettings, UpstreamConfig};
 pub use identity::{NodeId, NodeIdentity};
 pub use node::{Node, NodeError, PeerView};

@@ -44,15 +44,17 @@ use tracing::{debug, info, warn, Instrument};
 use crate::auth::{AuthSettings, Authority};
 use crate::backend::{BackendConnector, BoxedStream};
 use crate::catalog::{Catalog, CatalogError, ServiceEntry};
-use crate::config::{NodeConfig, TransportSettings};
+use crate::config::{NodeConfig, PreauthSettings, TransportSettings};
 use crate::identity::{CertInfo, NodeId, NodeIdStr, NodeIdentity};
 use crate::membership::{Membership, MembershipEvent, PeerIdentity, PeerState, Timer};
 use crate::stats::{self, Stats};
 
 mod auth;
+mod preauth;
 use crate::tls::{self, authenticate_peer, AuthError, DenySet};
 use crate::wire::{self, code, StreamHeader, StreamKind};
 pub use auth::{DeregisterReport, Registered, RevokeRequest, TokenGrant};
+pub use preauth::{Lease, ServiceStream};
 
 /// Errors starting a node.
 #[derive(Debug, thiserror::Error)]
@@ -178,6 +180,21 @@ struct Inner {
     round_robin: AtomicUsize,
     shutting_down: AtomicBool,
     rng: Mutex<StdRng>,
+    /// The pre-authentication engine (None: disabled).
+    preauth: Option<Mutex<crate::preauth::Engine>>,
+    preauth_settings: PreauthSettings,
+    /// Warm data connections, pre-opened streams.
+    pool: Mutex<preauth::Pool>,
+    preauth_wake: tokio::sync::Notify,
+    /// Request ids executed from 0-RTT data (replay protection).
+    replay: Mutex<crate::preauth::ReplayWindow>,
+}
+
+impl Inner {
+    /// Whether forwarding to `service` needs a token (an upstream API key is configured).
+    fn has_token_requirement(&self, service: &str) -> bool {
+        self.auth_settings.upstream_keys.contains_key(service)
+    }
 }
 
 /// Wall-clock seconds, for certificate expiry.
@@ -305,6 +322,25 @@ impl Node {
             }
         }
         let (membership_tx, membership_rx) = mpsc::channel(4096);
+        let mut rng = StdRng::seed_from_u64(config.seed ^ 0x6d65_7368);
+        // Request ids start at a random point, so ids stay unique across restarts (the
+        // far side de-duplicates 0-RTT requests by id).
+        let first_request_id: u64 = rng.random::<u64>() >> 1;
+        let preauth_engine = config
+            .preauth
+            .engine
+            .clone()
+            .map(|c| Mutex::new(crate::preauth::Engine::new(c, Instant::now())));
+        if let Some(e) = &preauth_engine {
+            let mut e = lock(e);
+            for s in config.auth.upstream_keys.keys() {
+                e.set_needs_token(s, true);
+            }
+        }
+        let replay = crate::preauth::ReplayWindow::new(
+            config.tls.ticket_max_age + Duration::from_secs(60),
+            config.preauth.replay_window_entries,
+        );
         let inner = Arc::new(Inner {
             info,
             me,
@@ -333,10 +369,15 @@ impl Node {
             stats,
             tasks: Mutex::new(Vec::new()),
             upstreams: Mutex::new(Vec::new()),
-            next_request_id: AtomicU64::new(1),
+            next_request_id: AtomicU64::new(first_request_id),
             round_robin: AtomicUsize::new(0),
             shutting_down: AtomicBool::new(false),
-            rng: Mutex::new(StdRng::seed_from_u64(config.seed ^ 0x6d65_7368)),
+            rng: Mutex::new(rng),
+            preauth: preauth_engine,
+            preauth_settings: config.preauth.clone(),
+            pool: Mutex::new(preauth::Pool::default()),
+            preauth_wake: tokio::sync::Notify::new(),
+            replay: Mutex::new(replay),
         });
         let node = Node { inner };
         let span = tracing::info_span!("node", node = %node.inner.info.name);
@@ -367,6 +408,7 @@ impl Node {
             tokio::spawn(catalog_refresh(node.inner.clone()).instrument(span.clone())),
             tokio::spawn(auth::housekeeping(node.inner.clone()).instrument(span.clone())),
             tokio::spawn(auth::renewal_loop(node.inner.clone()).instrument(span.clone())),
+            tokio::spawn(preauth::timer_loop(node.inner.clone()).instrument(span.clone())),
         ];
         for (service, l) in listeners {
             tasks.push(tokio::spawn(
@@ -536,6 +578,29 @@ impl Node {
         }
     }
 
+    /// A request of local client `client` for `service`: the warmest prepared path (pre-opened
+    /// stream, warm connection, 0-RTT) or the standard one; the engine learns from it and
+    /// prepares the client's next requests. Keep the returned lease until the exchange ends.
+    pub async fn open_for(
+        &self,
+        client: &str,
+        service: &str,
+    ) -> Result<ServiceStream, ForwardError> {
+        preauth::open_for(&self.inner, client, service).await
+    }
+
+    /// The pre-authentication state (`GET /v1/preauth`): each client's warm set with its
+    /// probabilities and expiry, and the engine's counters.
+    pub fn preauth_view(&self) -> serde_json::Value {
+        preauth::view(&self.inner)
+    }
+
+    /// Tells the engine which services `client` will use next (the simulator's oracle; only
+    /// used by the `hinted` policy).
+    pub fn preauth_hint(&self, client: &str, services: Vec<String>) {
+        preauth::hint(&self.inner, client, services)
+    }
+
     /// Opens a forwarding stream to `service` on the best provider and returns it, header sent.
     pub async fn open_service_stream(
         &self,
@@ -668,12 +733,24 @@ impl Inner {
         Ok(c)
     }
 
-    /// Records an authenticated connection and starts serving it.
+    /// Records an authenticated (handshake-complete) connection and starts serving it.
     fn register(
         self: &Arc<Self>,
         conn: quinn::Connection,
         info: CertInfo,
         permit: tokio::sync::OwnedSemaphorePermit,
+    ) {
+        self.register_with(conn, info, permit, watch::channel(true).1)
+    }
+
+    /// Like [`Inner::register`]; `confirmed` turns true when the handshake completes (a
+    /// connection accepted in 0-RTT is served before that).
+    fn register_with(
+        self: &Arc<Self>,
+        conn: quinn::Connection,
+        info: CertInfo,
+        permit: tokio::sync::OwnedSemaphorePermit,
+        confirmed: watch::Receiver<bool>,
     ) {
         {
             let mut conns = lock(&self.conns);
@@ -688,7 +765,9 @@ impl Inner {
         stats::inc(&self.stats.connections_open);
         let span =
             tracing::debug_span!("conn", peer = %info.node_id.fmt_short(), name = %info.name);
-        tokio::spawn(serve_connection(self.clone(), conn, info, permit).instrument(span));
+        tokio::spawn(
+            serve_connection(self.clone(), conn, info, permit, confirmed).instrument(span),
+        );
     }
 }
 
@@ -702,19 +781,49 @@ async fn accept_loop(inner: Arc<Inner>) {
         let inner = inner.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
-            let conn = match incoming.accept() {
-                Ok(connecting) => match connecting.await {
-                    Ok(c) => c,
+            let connecting = match incoming.accept() {
+                Ok(c) => c,
+                Err(e) => {
+                    debug!(%remote, error = %e, "inbound connection failed");
+                    return;
+                }
+            };
+            // Accept 0-RTT data (FACTS: else it waits for the handshake). A resumed client's
+            // certificate comes back from the ticket, so it is authenticated before any of
+            // its early data is served; a full handshake waits for the client's certificate.
+            let (confirmed_tx, confirmed) = watch::channel(false);
+            let conn = match connecting.into_0rtt() {
+                Ok((conn, accepted)) => {
+                    let watcher = conn.clone();
+                    tokio::spawn(async move {
+                        tokio::select! {
+                            _ = accepted => { let _ = confirmed_tx.send(true); }
+                            _ = watcher.closed() => {}
+                        }
+                    });
+                    if conn.peer_identity().is_none() {
+                        let mut c = confirmed.clone();
+                        if c.wait_for(|v| *v).await.is_err() {
+                            stats::inc(&inner.stats.connections_refused);
+                            debug!(%remote, "inbound handshake failed");
+                            return;
+                        }
+                    } else {
+                        stats::inc(&inner.stats.zero_rtt_connections);
+                    }
+                    conn
+                }
+                Err(connecting) => match connecting.await {
+                    Ok(c) => {
+                        let _ = confirmed_tx.send(true);
+                        c
+                    }
                     Err(e) => {
                         stats::inc(&inner.stats.connections_refused);
                         debug!(%remote, error = %e, "inbound handshake failed");
                         return;
                     }
                 },
-                Err(e) => {
-                    debug!(%remote, error = %e, "inbound connection failed");
-                    return;
-                }
             };
             stats::inc(&inner.stats.handshakes);
             charge_handshake(&inner.transport).await;
@@ -722,7 +831,7 @@ async fn accept_loop(inner: Arc<Inner>) {
                 Ok(info) => {
                     stats::inc(&inner.stats.connections_accepted);
                     debug!(%remote, peer = %info.node_id.fmt_short(), "inbound connection");
-                    inner.register(conn, info, permit);
+                    inner.register_with(conn, info, permit, confirmed);
                 }
                 Err(e) => {
                     stats::inc(&inner.stats.connections_refused);
@@ -740,6 +849,7 @@ async fn serve_connection(
     conn: quinn::Connection,
     info: CertInfo,
     _permit: tokio::sync::OwnedSemaphorePermit,
+    confirmed: watch::Receiver<bool>,
 ) {
     let mut revalidate = tokio::time::interval(inner.transport.revalidate_interval);
     revalidate.tick().await;
@@ -753,7 +863,7 @@ async fn serve_connection(
                 Ok((send, recv)) => {
                     stats::inc(&inner.stats.streams_accepted);
                     let span = tracing::debug_span!("stream", id = %send.id());
-                    tokio::spawn(handle_stream(inner.clone(), info.clone(), send, recv).instrument(span));
+                    tokio::spawn(handle_stream(inner.clone(), info.clone(), send, recv, confirmed.clone()).instrument(span));
                 }
                 Err(e) => break e,
             },
@@ -808,6 +918,7 @@ async fn handle_stream(
     peer: CertInfo,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
+    confirmed: watch::Receiver<bool>,
 ) {
     let header = match timeout(
         inner.transport.header_timeout,
@@ -829,7 +940,34 @@ async fn handle_stream(
             return;
         }
     };
+    if let StreamKind::Forward { service }
+    | StreamKind::ForwardAuth { service, .. }
+    | StreamKind::Preopen { service, .. } = &header.kind
+    {
+        if !early_data_allowed(&inner, &peer, service, header.request_id, &recv, confirmed).await {
+            reset(&mut send, &mut recv, code::DUPLICATE_REQUEST);
+            return;
+        }
+    }
     match header.kind {
+        StreamKind::Preopen { service, token } => {
+            let needs = read(&inner.auth).requires_token(&service);
+            if needs || token.is_some() {
+                let verdict = read(&inner.auth).authorize_forward(
+                    &crate::auth::policy::Caller::from(&peer),
+                    &service,
+                    token.as_deref().unwrap_or(""),
+                    now_unix_ms(),
+                );
+                drop(token);
+                if verdict.is_err() {
+                    stats::inc(&inner.stats.stream_errors);
+                    reset(&mut send, &mut recv, code::UNAUTHORIZED);
+                    return;
+                }
+            }
+            preauth::serve_preopen(&inner, &peer, &service, send, recv).await
+        }
         StreamKind::Forward { service } => {
             if read(&inner.auth).requires_token(&service) {
                 stats::inc(&inner.stats.stream_errors);
@@ -898,6 +1036,37 @@ async fn handle_stream(
             }
         }
     }
+}
+
+/// Early-data rules for a forwarding stream: a request that rode in 0-RTT is executed at most
+/// once (its id is remembered; a replay or a retry of a replayed id is refused), and one for a
+/// service not marked idempotent waits until the handshake completed (a replayed first flight
+/// never completes it). Returns false when the stream must be refused as a duplicate.
+async fn early_data_allowed(
+    inner: &Arc<Inner>,
+    peer: &CertInfo,
+    service: &str,
+    request_id: u64,
+    recv: &quinn::RecvStream,
+    mut confirmed: watch::Receiver<bool>,
+) -> bool {
+    let early = recv.is_0rtt();
+    if early && !inner.preauth_settings.idempotent.contains(service) {
+        stats::inc(&inner.stats.early_data_held);
+        debug!(
+            service,
+            "non-idempotent request in early data; waiting for the handshake"
+        );
+        if confirmed.wait_for(|v| *v).await.is_err() {
+            return false;
+        }
+    }
+    let fresh = lock(&inner.replay).check(Instant::now(), peer.node_id, request_id, early);
+    if !fresh {
+        stats::inc(&inner.stats.replays_refused);
+        warn!(peer = %peer.node_id.fmt_short(), service, request_id, "replayed request refused");
+    }
+    fresh
 }
 
 async fn serve_forward(
@@ -1019,6 +1188,17 @@ async fn forward_client(
             })?;
         let mut tcp = tcp;
         let _ = tokio::io::copy_bidirectional(&mut tcp, &mut b).await;
+        return Ok(());
+    }
+    if inner.preauth.is_some() {
+        // The local app is the client the engine profiles: one per source address.
+        let client = tcp
+            .peer_addr()
+            .map(|a| format!("addr:{}", a.ip()))
+            .unwrap_or_else(|_| "addr:unknown".into());
+        let s = preauth::open_for(inner, &client, service).await?;
+        let _lease = s.lease;
+        pipe(inner, Box::new(tcp), s.send, s.recv, service).await;
         return Ok(());
     }
     let (send, recv) = open_service_stream(inner, service).await?;

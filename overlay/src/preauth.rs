@@ -484,7 +484,13 @@ impl Engine {
             Policy::Recent => self
                 .clients
                 .get(client)
-                .map(|c| c.recent.iter().take(k).map(|s| (s.clone(), 1.0, 0)).collect())
+                .map(|c| {
+                    c.recent
+                        .iter()
+                        .take(k)
+                        .map(|s| (s.clone(), 1.0, 0))
+                        .collect()
+                })
                 .unwrap_or_default(),
             Policy::Hinted => self
                 .clients
@@ -639,6 +645,60 @@ impl Engine {
     }
 }
 
+/// Request ids already executed from 0-RTT data, per peer, for a bounded window: a replayed
+/// early request (or the client's 1-RTT retry of a request an attacker replayed first) is
+/// refused instead of executed twice. Sans-IO: `now` is passed in.
+#[derive(Debug)]
+pub struct ReplayWindow {
+    seen: HashMap<(NodeId, u64), Instant>,
+    order: VecDeque<(Instant, NodeId, u64)>,
+    window: Duration,
+    cap: usize,
+}
+
+impl ReplayWindow {
+    /// Remembers ids for `window` (at least as long as a ticket lives), at most `cap` of them.
+    pub fn new(window: Duration, cap: usize) -> Self {
+        Self {
+            seen: HashMap::new(),
+            order: VecDeque::new(),
+            window,
+            cap: cap.max(1),
+        }
+    }
+
+    /// Whether `(peer, id)` is new; records it when `record` (the request rode in 0-RTT).
+    pub fn check(&mut self, now: Instant, peer: NodeId, id: u64, record: bool) -> bool {
+        while let Some(&(t, p, i)) = self.order.front() {
+            if now.saturating_duration_since(t) < self.window && self.order.len() < self.cap {
+                break;
+            }
+            self.order.pop_front();
+            if self.seen.get(&(p, i)) == Some(&t) {
+                self.seen.remove(&(p, i));
+            }
+        }
+        if self.seen.contains_key(&(peer, id)) {
+            return false;
+        }
+        if record {
+            self.seen.insert((peer, id), now);
+            self.order.push_back((now, peer, id));
+        }
+        true
+    }
+
+    /// Ids remembered.
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    /// Whether nothing is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -769,6 +829,34 @@ mod tests {
         e.handle_rtt("near", Duration::from_millis(1));
         assert_eq!(e.level_for(1.0, "far", 0.1, 0), Some(Level::Connection));
         assert_ne!(e.level_for(1.0, "near", 0.1, 0), Some(Level::Connection));
+    }
+
+    #[test]
+    fn replay_window_refuses_a_second_execution_and_stays_bounded() {
+        let now = Instant::now();
+        let a = NodeId::from_spki(b"a");
+        let b = NodeId::from_spki(b"b");
+        let mut w = ReplayWindow::new(Duration::from_secs(10), 100);
+        assert!(w.check(now, a, 1, true));
+        assert!(
+            !w.check(now, a, 1, false),
+            "a 1-RTT retry of an executed 0-RTT id"
+        );
+        assert!(!w.check(now, a, 1, true));
+        assert!(w.check(now, b, 1, true), "ids are per peer");
+        assert!(w.check(now, a, 2, false));
+        assert!(
+            w.check(now, a, 2, false),
+            "ids not from 0-RTT are not remembered"
+        );
+        assert!(
+            w.check(now + Duration::from_secs(11), a, 1, false),
+            "window passed"
+        );
+        for i in 0..1000 {
+            w.check(now + Duration::from_secs(20), a, 100 + i, true);
+        }
+        assert!(w.len() <= 100);
     }
 
     #[test]

@@ -123,6 +123,42 @@ stats! {
     cert_renewals => "meshd_cert_renewals_total", "Certificate renewals", counter;
     /// Seconds until this node's certificate expires (at the last check).
     cert_expires_in => "meshd_cert_expires_in_seconds", "Seconds until the node certificate expires", gauge;
+    /// Pre-authentication: requests of local clients seen by the engine.
+    preauth_requests => "meshd_preauth_requests_total", "Pre-authentication: requests seen", counter;
+    /// Pre-authentication: warm entries chosen (predictions acted on).
+    preauth_predictions => "meshd_preauth_predictions_total", "Pre-authentication: predictions", counter;
+    /// Requests served on a pre-opened stream.
+    preauth_hits_stream => "meshd_preauth_hits_stream_total", "Pre-authentication: hits on a pre-opened stream", counter;
+    /// Requests served on a warm connection.
+    preauth_hits_connection => "meshd_preauth_hits_connection_total", "Pre-authentication: hits on a warm connection", counter;
+    /// Requests sent in 0-RTT data with a held ticket.
+    preauth_hits_ticket => "meshd_preauth_hits_ticket_total", "Pre-authentication: hits with a 0-RTT ticket", counter;
+    /// Requests that took the cold path.
+    preauth_misses => "meshd_preauth_misses_total", "Pre-authentication: misses", counter;
+    /// Warm entries dropped without having been used.
+    preauth_waste => "meshd_preauth_waste_total", "Pre-authentication: entries prepared and never used", counter;
+    /// Speculative handshakes started.
+    preauth_speculative_handshakes => "meshd_preauth_speculative_handshakes_total", "Pre-authentication: speculative handshakes", counter;
+    /// Tokens fetched ahead of use.
+    preauth_tokens_prefetched => "meshd_preauth_tokens_prefetched_total", "Pre-authentication: tokens fetched ahead", counter;
+    /// Streams pre-opened.
+    preauth_streams_preopened => "meshd_preauth_streams_preopened_total", "Pre-authentication: streams pre-opened", counter;
+    /// Pre-opened streams closed unused (ours or a peer's), backend released.
+    preauth_streams_expired => "meshd_preauth_streams_expired_total", "Pre-authentication: pre-opened streams closed unused", counter;
+    /// Speculative work refused by providers, or shed by this peer.
+    preauth_shed => "meshd_preauth_shed_total", "Pre-authentication: speculative work shed", counter;
+    /// Bytes of speculative work (pre-open headers, token requests ahead).
+    preauth_bytes => "meshd_preauth_bytes_total", "Pre-authentication: bytes spent on speculative work", counter;
+    /// Pre-opened streams currently held for peers (server side).
+    preopened_inbound => "meshd_preopened_inbound", "Pre-opened streams held for peers", gauge;
+    /// Connections resumed with 0-RTT data (either side).
+    zero_rtt_connections => "meshd_zero_rtt_connections_total", "Connections that carried 0-RTT data", counter;
+    /// 0-RTT attempts the server refused (request then retried at 1-RTT).
+    zero_rtt_rejected => "meshd_zero_rtt_rejected_total", "0-RTT attempts rejected", counter;
+    /// Requests refused as replays (request id already executed from early data).
+    replays_refused => "meshd_replays_refused_total", "Replayed requests refused", counter;
+    /// Early requests for non-idempotent services held until the handshake completed.
+    early_data_held => "meshd_early_data_held_total", "Non-idempotent early requests held until handshake completion", counter;
 }
 
 /// Adds one to a counter.

@@ -7,16 +7,18 @@
 //! One rustls client config is built per local identity and kept: rustls resumes sessions only
 //! with the same config (see ../shared/FACTS.md).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::{Resumption, WebPkiServerVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::server::{ServerSessionMemoryCache, WebPkiClientVerifier};
+use rustls::server::{ServerSessionMemoryCache, StoresServerSessions, WebPkiClientVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use tokio::time::Instant;
 
 use crate::identity::{parse_node_cert, CertInfo, NodeId, NodeIdentity};
 
@@ -143,6 +145,10 @@ pub struct TlsSettings {
     pub client_sessions: usize,
     /// Server session cache entries (one per outstanding ticket).
     pub server_sessions: usize,
+    /// A resumption ticket older than this is refused by its issuer (full handshake instead),
+    /// bounding how long a captured ticket or a revoked peer's ticket is worth anything.
+    /// Default 10 minutes (rustls alone would honour stateful tickets for 24 h).
+    pub ticket_max_age: Duration,
 }
 
 impl Default for TlsSettings {
@@ -150,7 +156,84 @@ impl Default for TlsSettings {
         Self {
             client_sessions: 8 * 1024,
             server_sessions: 16 * 1024,
+            ticket_max_age: Duration::from_secs(600),
         }
+    }
+}
+
+/// The server's session store: rustls' in-memory cache (stateful, single-use tickets: `take`
+/// removes, so a replayed 0-RTT first flight finds no session) with a maximum ticket age. There
+/// is no ticket-encryption key to steal or rotate: a ticket is a random id into this store,
+/// which dies with the process. Ages are read from tokio's clock (virtual under netsim).
+#[derive(Debug)]
+pub struct TimedSessionStore {
+    inner: Arc<dyn StoresServerSessions>,
+    born: Mutex<HashMap<Vec<u8>, Instant>>,
+    max_age: Duration,
+    cap: usize,
+}
+
+impl TimedSessionStore {
+    /// A store of at most `cap` sessions, each valid for `max_age`.
+    pub fn new(cap: usize, max_age: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            inner: ServerSessionMemoryCache::new(cap),
+            born: Mutex::new(HashMap::new()),
+            max_age,
+            cap: cap.max(1),
+        })
+    }
+
+    fn born(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<u8>, Instant>> {
+        self.born.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn fresh(&self, key: &[u8]) -> bool {
+        self.born()
+            .get(key)
+            .is_some_and(|t| t.elapsed() <= self.max_age)
+    }
+}
+
+impl StoresServerSessions for TimedSessionStore {
+    fn put(&self, key: Vec<u8>, value: Vec<u8>) -> bool {
+        let mut born = self.born();
+        if born.len() >= self.cap {
+            // Forget expired entries, then the oldest eighth if still full.
+            let max_age = self.max_age;
+            born.retain(|_, t| t.elapsed() <= max_age);
+            if born.len() >= self.cap {
+                let mut ages: Vec<Instant> = born.values().copied().collect();
+                ages.sort_unstable();
+                let cut = ages[(ages.len() / 8).min(ages.len() - 1)];
+                born.retain(|_, t| *t > cut);
+            }
+        }
+        born.insert(key.clone(), Instant::now());
+        drop(born);
+        self.inner.put(key, value)
+    }
+
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        if !self.fresh(key) {
+            return None;
+        }
+        self.inner.get(key)
+    }
+
+    fn take(&self, key: &[u8]) -> Option<Vec<u8>> {
+        let fresh = self.fresh(key);
+        self.born().remove(key);
+        let v = self.inner.take(key);
+        if fresh {
+            v
+        } else {
+            None
+        }
+    }
+
+    fn can_cache(&self) -> bool {
+        true
     }
 }
 
@@ -187,7 +270,7 @@ pub fn server_config(
         .with_client_cert_verifier(verifier)
         .with_single_cert(identity.chain.clone(), identity.key.clone_key())?;
     cfg.alpn_protocols = vec![ALPN.to_vec()];
-    cfg.session_storage = ServerSessionMemoryCache::new(settings.server_sessions);
+    cfg.session_storage = TimedSessionStore::new(settings.server_sessions, settings.ticket_max_age);
     // QUIC allows 0 or u32::MAX; 0-RTT acceptance is decided per connection by the driver.
     cfg.max_early_data_size = u32::MAX;
     Ok(cfg)

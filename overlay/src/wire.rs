@@ -53,6 +53,14 @@ pub mod code {
     pub const UNAUTHORIZED: u32 = 0x17;
     /// Stream: refused by a rate limit.
     pub const RATE_LIMITED: u32 = 0x18;
+    /// Stream: speculative work (a pre-opened stream) shed by a loaded peer; retry later.
+    pub const SHED: u32 = 0x19;
+    /// Stream: a pre-opened stream was not used before its deadline; the backend is released.
+    pub const PREOPEN_EXPIRED: u32 = 0x1a;
+    /// Stream: this request id was already executed (a replayed 0-RTT request).
+    pub const DUPLICATE_REQUEST: u32 = 0x1b;
+    /// Stream: a non-idempotent request arrived in 0-RTT data and the handshake never completed.
+    pub const EARLY_DATA_REFUSED: u32 = 0x1c;
 
     /// Human-readable name of a code, for logs.
     pub fn name(code: u64) -> &'static str {
@@ -70,6 +78,10 @@ pub mod code {
             0x16 => "overloaded",
             0x17 => "unauthorized",
             0x18 => "rate limited",
+            0x19 => "speculative work shed",
+            0x1a => "pre-opened stream expired",
+            0x1b => "duplicate request",
+            0x1c => "early data refused",
             _ => "unknown code",
         }
     }
@@ -133,7 +145,21 @@ pub enum StreamKind {
         /// A JWT issued by the receiving peer to the sender, scope `connect`.
         token: String,
     },
+    /// A pre-opened (speculative) forward: the receiver dials the backend at once and answers
+    /// one byte [`PREOPEN_READY`] (or resets with `SHED`, `UNKNOWN_SERVICE`,
+    /// `BACKEND_UNAVAILABLE`, `UNAUTHORIZED`); the client's bytes follow when a request comes.
+    /// If none arrives within the receiver's deadline the stream is reset with
+    /// `PREOPEN_EXPIRED` and the backend connection closed.
+    Preopen {
+        /// Service name.
+        service: String,
+        /// Token for the service, when its policy requires one.
+        token: Option<String>,
+    },
 }
+
+/// The byte a receiver sends on a [`StreamKind::Preopen`] stream once its backend is dialled.
+pub const PREOPEN_READY: u8 = 0x01;
 
 /// Longest API key in a message.
 pub const MAX_API_KEY_LEN: usize = 128;
@@ -424,7 +450,9 @@ pub fn decode_header_body(body: &[u8]) -> Result<StreamHeader, WireError> {
         return Err(WireError::Malformed("trailing bytes".into()));
     }
     match &h.kind {
-        StreamKind::Forward { service } | StreamKind::ForwardAuth { service, .. }
+        StreamKind::Forward { service }
+        | StreamKind::ForwardAuth { service, .. }
+        | StreamKind::Preopen { service, .. }
             if !valid_name(service) =>
         {
             Err(WireError::Malformed("invalid service name".into()))

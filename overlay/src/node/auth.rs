@@ -597,7 +597,7 @@ impl Node {
     }
 }
 
-fn live_providers(inner: &Inner, service: &str) -> Vec<NodeId> {
+pub(super) fn live_providers(inner: &Inner, service: &str) -> Vec<NodeId> {
     let providers = read(&inner.catalog).providers(service);
     let alive = read(&inner.alive);
     providers
@@ -659,6 +659,49 @@ async fn remote_token(
     }
 }
 
+/// The token for `service` at `peer`: cached until 80% of its lifetime, else fetched with the
+/// configured API key (pre-authentication fetches it ahead of use through this too).
+pub(super) async fn token_for(
+    inner: &Arc<Inner>,
+    peer: NodeId,
+    service: &str,
+) -> Result<SecretString, String> {
+    let Some(api_key) = inner.auth_settings.upstream_keys.get(service).cloned() else {
+        return Err(format!("no API key configured for {service:?}"));
+    };
+    cached_or_fetch(inner, peer, service, &api_key)
+        .await
+        .map_err(|r| r.to_string())
+}
+
+async fn cached_or_fetch(
+    inner: &Arc<Inner>,
+    peer: NodeId,
+    service: &str,
+    api_key: &SecretString,
+) -> Result<SecretString, Refused> {
+    let now = now_unix_ms() / 1000;
+    let cached = lock(&inner.upstream_tokens)
+        .get(&(peer, service.to_owned()))
+        .filter(|(_, refresh_at)| now < *refresh_at)
+        .map(|(t, _)| t.clone());
+    if let Some(t) = cached {
+        return Ok(t);
+    }
+    let g = remote_token(
+        inner,
+        peer,
+        service,
+        api_key.expose(),
+        crate::auth::policy::SCOPE_CONNECT,
+    )
+    .await?;
+    let life = g.expires_at.saturating_sub(now);
+    let refresh_at = now + life * 4 / 5;
+    lock(&inner.upstream_tokens).insert((peer, service.to_owned()), (g.token.clone(), refresh_at));
+    Ok(g.token)
+}
+
 /// Forwarding with a token: picks providers in turn, fetching (and caching until 80% of its
 /// lifetime) a token from each with the configured API key, until one accepts.
 pub(super) async fn open_service_stream_with_token(
@@ -677,35 +720,13 @@ pub(super) async fn open_service_stream_with_token(
     }
     let mut last = String::from("no provider");
     for peer in order {
-        let now = now_unix_ms() / 1000;
-        let cached = lock(&inner.upstream_tokens)
-            .get(&(peer, service.to_owned()))
-            .filter(|(_, refresh_at)| now < *refresh_at)
-            .map(|(t, _)| t.clone());
-        let token = match cached {
-            Some(t) => t,
-            None => match remote_token(
-                inner,
-                peer,
-                service,
-                api_key.expose(),
-                crate::auth::policy::SCOPE_CONNECT,
-            )
-            .await
-            {
-                Ok(g) => {
-                    let life = g.expires_at.saturating_sub(now);
-                    let refresh_at = now + life * 4 / 5;
-                    lock(&inner.upstream_tokens)
-                        .insert((peer, service.to_owned()), (g.token.clone(), refresh_at));
-                    g.token
-                }
-                Err(r) => {
-                    debug!(peer = %peer.fmt_short(), service, reason = %r, "token refused");
-                    last = r.to_string();
-                    continue;
-                }
-            },
+        let token = match cached_or_fetch(inner, peer, service, &api_key).await {
+            Ok(t) => t,
+            Err(r) => {
+                debug!(peer = %peer.fmt_short(), service, reason = %r, "token refused");
+                last = r.to_string();
+                continue;
+            }
         };
         let conn = match inner.conn_to(peer).await {
             Ok(c) => c,
