@@ -1,17 +1,43 @@
-//! Peer configurations that `netsim compare` runs side by side. A mode may change each peer's
-//! [`NodeConfig`] and decides how a client opens a request's stream. Only `reactive` exists
-//! today; the pre-authentication issue adds `pool`, `predictive` and `oracle` here.
+//! Peer configurations that `netsim compare` runs side by side. A mode changes each peer's
+//! [`NodeConfig`] (the pre-authentication engine and its budget) and decides how a client
+//! opens a request's stream. Every mode sends its requests through the same production call,
+//! [`Node::open_for`], so the modes differ only in what each peer keeps warm:
+//!
+//! - `reactive`: nothing. Each request dials its own connection (full mTLS handshake), is
+//!   served and closes it: the standard cold flow, every time.
+//! - `pool`: the `preauth.budget` most recently used services of each client keep their
+//!   connection open (a connection pool of that size); no tickets, no pre-opened streams.
+//! - `predictive`: the shipped engine: the predictor's services for each client within the
+//!   budget, each at the level its expected benefit pays for (token, 0-RTT ticket, connection,
+//!   pre-opened stream).
+//! - `oracle`: knows each client's next `budget` services (the simulator tells the engine
+//!   before each request) and keeps them at the deepest level: the floor.
+//! - `shared`: no engine at all: requests share one connection per provider peer, kept until
+//!   the idle timeout (meshd's flow before pre-authentication).
 
-use overlay::node::ForwardError;
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use overlay::node::{ForwardError, ServiceStream};
+use overlay::preauth::{Policy, PreauthConfig};
 use overlay::{Node, NodeConfig};
+
+use crate::scenario::PreauthSection;
 
 /// A peer configuration under comparison.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Mode {
-    /// Each request opens a service stream on demand (`Node::open_service_stream`): it reuses
-    /// an open connection to the provider if there is one, else pays a full handshake.
+    /// Every request pays the cold path (its own connection).
     Reactive,
+    /// The B most recently used services stay connected.
+    Pool,
+    /// The predictor chooses what to warm, and how deep.
+    Predictive,
+    /// The next B services are known in advance.
+    Oracle,
+    /// One shared connection per provider, kept until idle (no engine).
+    Shared,
 }
 
 /// A mode name that does not exist.
@@ -24,12 +50,17 @@ pub struct UnknownMode {
 
 impl Mode {
     /// Every mode's name.
-    pub const NAMES: &'static [&'static str] = &["reactive"];
+    pub const NAMES: &'static [&'static str] =
+        &["reactive", "pool", "predictive", "oracle", "shared"];
 
     /// The mode called `name`.
     pub fn from_name(name: &str) -> Result<Mode, UnknownMode> {
         match name {
             "reactive" => Ok(Mode::Reactive),
+            "pool" => Ok(Mode::Pool),
+            "predictive" => Ok(Mode::Predictive),
+            "oracle" => Ok(Mode::Oracle),
+            "shared" => Ok(Mode::Shared),
             _ => Err(UnknownMode {
                 name: name.to_owned(),
             }),
@@ -40,25 +71,65 @@ impl Mode {
     pub fn name(self) -> &'static str {
         match self {
             Mode::Reactive => "reactive",
+            Mode::Pool => "pool",
+            Mode::Predictive => "predictive",
+            Mode::Oracle => "oracle",
+            Mode::Shared => "shared",
         }
     }
 
-    /// Adjusts peer `peer`'s configuration for this mode.
-    pub fn configure(self, _peer: usize, _config: &mut NodeConfig) {
-        match self {
-            Mode::Reactive => {}
-        }
+    /// Whether the runner must tell the engine each client's next services.
+    pub fn wants_hints(self) -> bool {
+        self == Mode::Oracle
     }
 
-    /// Opens the stream of one request attempt (the stream header is sent).
+    /// Adjusts a peer's configuration for this mode; `services` are every simulated service.
+    pub fn configure(self, p: &PreauthSection, services: &[String], config: &mut NodeConfig) {
+        if p.idempotent {
+            config.preauth.idempotent = services.iter().cloned().collect::<BTreeSet<_>>();
+        }
+        let base = PreauthConfig {
+            budget: p.budget,
+            horizon: Duration::from_millis(p.horizon_ms),
+            entry_ttl: Duration::from_millis(p.entry_ttl_ms),
+            stream_deadline: Duration::from_millis(p.stream_deadline_ms),
+            speculative_handshakes_per_s: p.speculative_per_s,
+            max_warm_connections: p.max_warm_connections,
+            max_preopened_streams: p.max_preopened_streams,
+            ..PreauthConfig::default()
+        };
+        config.preauth.engine = match self {
+            Mode::Shared => None,
+            Mode::Reactive => Some(PreauthConfig {
+                policy: Policy::Off,
+                budget: 0,
+                zero_rtt: false,
+                ..base
+            }),
+            Mode::Pool => Some(PreauthConfig {
+                policy: Policy::Recent,
+                zero_rtt: false,
+                ..base
+            }),
+            Mode::Predictive => Some(PreauthConfig {
+                policy: Policy::Predictive,
+                ..base
+            }),
+            Mode::Oracle => Some(PreauthConfig {
+                policy: Policy::Hinted,
+                ..base
+            }),
+        };
+    }
+
+    /// Opens the stream of one request attempt of local client `app` (the header is sent).
     pub async fn open(
         self,
         node: &Node,
+        app: &str,
         service: &str,
-    ) -> Result<(quinn::SendStream, quinn::RecvStream), ForwardError> {
-        match self {
-            Mode::Reactive => node.open_service_stream(service).await,
-        }
+    ) -> Result<ServiceStream, ForwardError> {
+        node.open_for(app, service).await
     }
 }
 

@@ -47,9 +47,10 @@ pub struct RequestRecord {
     /// Configured RTT between client and server (ms in JSON).
     #[serde(rename = "path_rtt_ms", serialize_with = "opt_ms")]
     pub path_rtt: Option<Duration>,
-    /// A handshake completed on the client during the request (it was not on an open
-    /// connection).
+    /// The request paid a full handshake (it found nothing warm).
     pub cold: bool,
+    /// How the request was served: stream, connection, ticket (0-RTT) or cold.
+    pub served: Option<overlay::preauth::Served>,
     /// The response arrived while the server → client direction was cut (must never happen).
     pub through_cut: bool,
     /// Served by another provider than this client's previous request to this service.
@@ -234,6 +235,18 @@ pub struct Report {
     pub timeline: Vec<Bucket>,
     /// First-byte latency CDF points `[ms, fraction]` (for plots).
     pub cdf: Vec<[f64; 2]>,
+    /// Share of answered requests that found a warm path (stream, connection or 0-RTT ticket).
+    pub hit_rate: f64,
+    /// Answered requests by how they were served.
+    pub served: BTreeMap<String, u64>,
+    /// Share of prepared warm entries dropped without ever being used.
+    pub waste: f64,
+    /// Speculative handshakes (started for predicted, not requested, work) per request.
+    pub speculative_handshakes_per_request: f64,
+    /// Handshakes of every kind per request (membership and catalog included).
+    pub handshakes_per_request: f64,
+    /// Bytes delivered on the network per request (all traffic: compare across modes).
+    pub bytes_per_request: f64,
 }
 
 /// Inputs of [`Report::build`] besides the records.
@@ -336,7 +349,53 @@ impl Report {
                 b.rerouted += 1;
             }
         }
+        let r6 = |x: f64| (x * 1e6).round() / 1e6;
+        let per_req = |v: u64| {
+            if total == 0 {
+                0.0
+            } else {
+                r6(v as f64 / total as f64)
+            }
+        };
+        let mut served: BTreeMap<String, u64> = BTreeMap::new();
+        for r in &answered {
+            if let Some(s) = r.served {
+                let name = serde_json::to_value(s)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                *served.entry(name).or_default() += 1;
+            }
+        }
+        let hits = answered
+            .iter()
+            .filter(|r| {
+                r.served
+                    .is_some_and(|s| s != overlay::preauth::Served::Cold)
+            })
+            .count();
+        let hit_rate = if answered.is_empty() {
+            0.0
+        } else {
+            r6(hits as f64 / answered.len() as f64)
+        };
+        let counter = |k: &str| facts.overlay.get(k).copied().unwrap_or(0);
+        let prepared = counter("preauth_prepared");
+        let waste = if prepared == 0 {
+            0.0
+        } else {
+            r6(counter("preauth_waste") as f64 / prepared as f64)
+        };
+        let speculative = per_req(counter("preauth_speculative_handshakes"));
+        let handshakes = per_req(counter("connections_dialed"));
+        let bytes = per_req(facts.net.bytes_delivered);
         Report {
+            hit_rate,
+            served,
+            waste,
+            speculative_handshakes_per_request: speculative,
+            handshakes_per_request: handshakes,
+            bytes_per_request: bytes,
             scenario: facts.scenario,
             seed: facts.seed,
             mode: facts.mode,
@@ -385,16 +444,16 @@ pub fn markdown_table(reports: &[Report]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "| scenario | mode | peers | seed | requests | ok % | first byte p50 / p90 / p99 ms | p50 / p99 RTTs | cold / warm p50 ms | handshakes | virtual s | wall s | MiB/peer |"
+        "| scenario | mode | peers | seed | requests | ok % | first byte p50 / p90 / p99 ms | p50 / p90 / p99 / mean RTTs | cold / warm p50 ms | hit rate | waste | spec. hs/req | handshakes | bytes/req | virtual s | wall s | MiB/peer |"
     );
     let _ = writeln!(
         s,
-        "|---|---|---:|---:|---:|---:|---|---|---|---:|---:|---:|---:|"
+        "|---|---|---:|---:|---:|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for r in reports {
         let _ = writeln!(
             s,
-            "| {}{} | {} | {} | {} | {} | {:.2} | {:.1} / {:.1} / {:.1} | {:.2} / {:.2} | {:.1} / {:.1} | {} | {:.1} | {:.2} | {:.3} |",
+            "| {}{} | {} | {} | {} | {} | {:.2} | {:.1} / {:.1} / {:.1} | {:.2} / {:.2} / {:.2} / {:.2} | {:.1} / {:.1} | {:.3} | {:.3} | {:.3} | {} | {:.0} | {:.1} | {:.2} | {:.3} |",
             r.scenario,
             if r.truncated { " (truncated)" } else { "" },
             r.mode,
@@ -406,10 +465,16 @@ pub fn markdown_table(reports: &[Report]) -> String {
             r.first_byte_ms.p90,
             r.first_byte_ms.p99,
             r.first_byte_rtt.p50,
+            r.first_byte_rtt.p90,
             r.first_byte_rtt.p99,
+            r.first_byte_rtt.mean,
             r.first_byte_ms_cold.p50,
             r.first_byte_ms_warm.p50,
+            r.hit_rate,
+            r.waste,
+            r.speculative_handshakes_per_request,
             r.overlay.get("handshakes").copied().unwrap_or(0),
+            r.bytes_per_request,
             r.virtual_s,
             r.wall_s,
             r.memory.per_peer_kib / 1024.0,
@@ -573,6 +638,7 @@ mod tests {
             first_byte: ms.map(Duration::from_millis),
             path_rtt: Some(Duration::from_millis(20)),
             cold: false,
+            served: ms.map(|_| overlay::preauth::Served::Connection),
             through_cut: false,
             rerouted: false,
         }

@@ -26,6 +26,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, timeout, Instant};
 
+use overlay::preauth::Served;
+
 use crate::modes::Mode;
 use crate::net::{peer_addr, SimNet};
 use crate::pki::SimPki;
@@ -267,7 +269,8 @@ impl Sim {
             }),
             ..NodeConfig::default()
         };
-        self.mode.configure(i, &mut cfg);
+        self.mode
+            .configure(&self.sc.preauth, &self.services, &mut cfg);
         cfg
     }
 
@@ -352,6 +355,13 @@ async fn simulate(
         });
     }
 
+    // Oracle: each request carries the next `budget` distinct services of its client.
+    let hints: Vec<Vec<usize>> = if mode.wants_hints() {
+        next_services(&plan, sc.preauth.budget)
+    } else {
+        vec![Vec::new(); plan.len()]
+    };
+    let first_hints = first_services(&plan, sc.preauth.budget);
     // Workload: sleeps until the workload start, then one task per request.
     let clients_planned = plan.len();
     let work_start = sim.start + Duration::from_secs_f64(sc.warmup_s.max(0.0));
@@ -359,9 +369,24 @@ async fn simulate(
         let sim = sim.clone();
         tokio::spawn(async move {
             let mut reqs = Vec::with_capacity(clients_planned);
-            for (id, p) in plan.into_iter().enumerate() {
+            if sim.mode.wants_hints() {
+                // The oracle knows the first requests too: tell it a second ahead.
+                sleep_until(
+                    work_start
+                        .checked_sub(Duration::from_secs(1))
+                        .unwrap_or(work_start),
+                )
+                .await;
+                for ((client, app), services) in first_hints {
+                    if let Some(node) = sim.node(client) {
+                        let names = services.iter().map(|&s| sim.services[s].clone()).collect();
+                        node.preauth_hint(&app_name(app), names);
+                    }
+                }
+            }
+            for ((id, p), hint) in plan.into_iter().enumerate().zip(hints) {
                 sleep_until(work_start + p.at).await;
-                reqs.push(tokio::spawn(request(sim.clone(), id as u64, p)));
+                reqs.push(tokio::spawn(request(sim.clone(), id as u64, p, hint)));
             }
             for r in reqs {
                 let _ = r.await;
@@ -638,27 +663,65 @@ fn watch_detection(sim: &Arc<Sim>, victim: usize, node: &Node) {
     }
 }
 
+/// The name of local client `app` on its peer (what the engine profiles).
+fn app_name(app: usize) -> String {
+    format!("c{app}")
+}
+
+/// For each request, the next `budget` distinct services its client asks for after it.
+fn next_services(plan: &[Planned], budget: usize) -> Vec<Vec<usize>> {
+    let mut out = vec![Vec::new(); plan.len()];
+    let mut by_app: HashMap<(usize, usize), Vec<usize>> = HashMap::new();
+    for (i, p) in plan.iter().enumerate() {
+        by_app.entry((p.client, p.app)).or_default().push(i);
+    }
+    for idx in by_app.values() {
+        for (k, &i) in idx.iter().enumerate() {
+            let mut next: Vec<usize> = Vec::with_capacity(budget);
+            for &j in &idx[k + 1..] {
+                if next.len() >= budget {
+                    break;
+                }
+                if !next.contains(&plan[j].service) {
+                    next.push(plan[j].service);
+                }
+            }
+            out[i] = next;
+        }
+    }
+    out
+}
+
+/// Each client's first `budget` distinct services, sorted by client for determinism.
+fn first_services(plan: &[Planned], budget: usize) -> Vec<((usize, usize), Vec<usize>)> {
+    let mut m: BTreeMap<(usize, usize), Vec<usize>> = BTreeMap::new();
+    for p in plan {
+        let v = m.entry((p.client, p.app)).or_default();
+        if v.len() < budget && !v.contains(&p.service) {
+            v.push(p.service);
+        }
+    }
+    m.into_iter().collect()
+}
+
 /// One request: attempts (each bounded by the timeout) until answered or out of retries.
-async fn request(sim: Arc<Sim>, id: u64, p: Planned) {
+async fn request(sim: Arc<Sim>, id: u64, p: Planned, hint: Vec<usize>) {
     let Some(node) = sim.node(p.client) else {
         return; // the client is down: no request is made
     };
     let w = &sim.sc.workload;
     let service = &sim.services[p.service];
+    let app = app_name(p.app);
     let t0 = Instant::now();
-    let hs0 = node.stats().snapshot().handshakes;
     let mut attempts = 0;
     let mut answer = None;
+    let mut served = None;
     for attempt in 0..=w.retries {
         attempts += 1;
         let wire_id = id << 8 | u64::from(attempt.min(255));
         let deadline = Instant::now() + Duration::from_millis(w.timeout_ms);
-        match timeout(
-            Duration::from_millis(w.timeout_ms),
-            attempt_once(&sim, &node, service, wire_id),
-        )
-        .await
-        {
+        let attempt = attempt_once(&sim, &node, &app, service, wire_id, &mut served);
+        match timeout(Duration::from_millis(w.timeout_ms), attempt).await {
             Ok(Some(first_byte)) => {
                 answer = Some((first_byte, wire_id));
                 break;
@@ -682,9 +745,14 @@ async fn request(sim: Arc<Sim>, id: u64, p: Planned) {
         first_byte: None,
         path_rtt: None,
         cold: false,
+        served: None,
         through_cut: false,
         rerouted: false,
     };
+    if sim.mode.wants_hints() {
+        let names = hint.iter().map(|&s| sim.services[s].clone()).collect();
+        node.preauth_hint(&app, names);
+    }
     if let Some((at, wire_id)) = answer {
         let server = lock(&sim.backends.served).remove(&wire_id);
         rec.outcome = if attempts > 1 {
@@ -697,15 +765,25 @@ async fn request(sim: Arc<Sim>, id: u64, p: Planned) {
         rec.server = server;
         rec.path_rtt = server.map(|s| sim.net.rtt(p.client, s));
         rec.through_cut = server.is_some_and(|s| sim.net.is_cut(s, p.client));
-        rec.cold = node.stats().snapshot().handshakes > hs0;
+        rec.cold = served == Some(Served::Cold);
+        rec.served = served;
     }
     lock(&sim.records).push(rec);
 }
 
 /// One attempt: open the stream, send the request, wait for the first response byte, then
 /// read the rest. Returns when the first byte arrived, or None on failure.
-async fn attempt_once(sim: &Sim, node: &Node, service: &str, wire_id: u64) -> Option<Instant> {
-    let (mut send, mut recv) = sim.mode.open(node, service).await.ok()?;
+async fn attempt_once(
+    sim: &Sim,
+    node: &Node,
+    app: &str,
+    service: &str,
+    wire_id: u64,
+    served: &mut Option<Served>,
+) -> Option<Instant> {
+    let stream = sim.mode.open(node, app, service).await.ok()?;
+    *served = Some(stream.served);
+    let (mut send, mut recv, lease) = (stream.send, stream.recv, stream.lease);
     let mut req = vec![0u8; sim.sc.services.request_bytes];
     req[..8].copy_from_slice(&wire_id.to_be_bytes());
     send.write_all(&req).await.ok()?;
@@ -719,6 +797,7 @@ async fn attempt_once(sim: &Sim, node: &Node, service: &str, wire_id: u64) -> Op
     tokio::spawn(async move {
         let _ = recv.read_to_end(16 << 20).await;
         drop(send);
+        drop(lease);
     });
     Some(at)
 }

@@ -71,8 +71,47 @@ pub struct Scenario {
     pub services: Services,
     /// Requests.
     pub workload: Workload,
+    /// Pre-authentication settings of the `pool`, `predictive` and `oracle` modes.
+    pub preauth: PreauthSection,
     /// Fault schedule.
     pub faults: Vec<Fault>,
+}
+
+/// `[preauth]`: what `netsim compare`'s pre-authentication modes use.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PreauthSection {
+    /// Warm services per client (B), for `pool`, `predictive` and `oracle` alike.
+    pub budget: usize,
+    /// Predictor horizon, ms.
+    pub horizon_ms: u64,
+    /// An unused warm entry is dropped after this long, ms.
+    pub entry_ttl_ms: u64,
+    /// A pre-opened stream unused this long is closed, ms.
+    pub stream_deadline_ms: u64,
+    /// Speculative handshakes per second per peer.
+    pub speculative_per_s: f64,
+    /// Every simulated service is idempotent (its requests may ride in 0-RTT).
+    pub idempotent: bool,
+    /// Most warm connections per peer.
+    pub max_warm_connections: usize,
+    /// Most pre-opened streams per peer.
+    pub max_preopened_streams: usize,
+}
+
+impl Default for PreauthSection {
+    fn default() -> Self {
+        Self {
+            budget: 3,
+            horizon_ms: 2000,
+            entry_ttl_ms: 30_000,
+            stream_deadline_ms: 5000,
+            speculative_per_s: 20.0,
+            idempotent: true,
+            max_warm_connections: 64,
+            max_preopened_streams: 32,
+        }
+    }
 }
 
 impl Default for Scenario {
@@ -88,6 +127,7 @@ impl Default for Scenario {
             peers: Peers::default(),
             services: Services::default(),
             workload: Workload::default(),
+            preauth: PreauthSection::default(),
             faults: Vec::new(),
         }
     }

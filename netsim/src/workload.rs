@@ -21,6 +21,9 @@ pub struct Planned {
     pub client: usize,
     /// Service index.
     pub service: usize,
+    /// The local client (application) on the client peer that makes the request: the trace's
+    /// client for replays, else the peer itself. Pre-authentication profiles each one.
+    pub app: usize,
 }
 
 /// Errors building a workload.
@@ -113,6 +116,7 @@ pub fn plan(sc: &Scenario) -> Result<Vec<Planned>, WorkloadError> {
                         at: t,
                         client: c,
                         service: s,
+                        app: c,
                     });
                 }
             }
@@ -125,6 +129,7 @@ pub fn plan(sc: &Scenario) -> Result<Vec<Planned>, WorkloadError> {
                 at: crate::scenario::ms(r[0]),
                 client: r[1] as usize,
                 service: r[2] as usize,
+                app: r[1] as usize,
             })
             .collect(),
         WorkloadKind::Trace => {
@@ -140,8 +145,8 @@ pub fn plan(sc: &Scenario) -> Result<Vec<Planned>, WorkloadError> {
         }
     };
     out.sort_by(|a, b| {
-        (a.at, a.client, a.service)
-            .partial_cmp(&(b.at, b.client, b.service))
+        (a.at, a.client, a.app, a.service)
+            .partial_cmp(&(b.at, b.client, b.app, b.service))
             .unwrap_or(std::cmp::Ordering::Equal)
     });
     if w.max_requests > 0 {
@@ -234,6 +239,7 @@ pub fn map_trace(
             at,
             client: clients[c % clients.len()],
             service: s % services,
+            app: c,
         });
     }
     out
@@ -322,17 +328,20 @@ mod tests {
                 Planned {
                     at: Duration::ZERO,
                     client: 3,
-                    service: 0
+                    service: 0,
+                    app: 0
                 },
                 Planned {
                     at: Duration::from_millis(250),
                     client: 4,
-                    service: 1
+                    service: 1,
+                    app: 1
                 },
                 Planned {
                     at: Duration::from_millis(350),
                     client: 3,
-                    service: 0
+                    service: 0,
+                    app: 0
                 },
             ]
         );

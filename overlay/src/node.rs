@@ -154,6 +154,9 @@ struct Inner {
     endpoint: quinn::Endpoint,
     client_config: RwLock<quinn::ClientConfig>,
     transport_config: Arc<quinn::TransportConfig>,
+    /// Transport of pre-authentication's data connections: with keep-alives, since a warm
+    /// connection must outlive the idle timeout (it is closed explicitly when unused).
+    data_transport: Arc<quinn::TransportConfig>,
     tls_settings: tls::TlsSettings,
     identity: RwLock<NodeIdentity>,
     deny: DenySet,
@@ -262,6 +265,11 @@ impl Node {
         config: NodeConfig,
     ) -> Result<Node, NodeError> {
         let transport = Arc::new(transport_config(&config.transport)?);
+        let data_transport = {
+            let mut t = config.transport.clone();
+            t.keep_alive = t.keep_alive.or(Some(t.idle_timeout / 3));
+            Arc::new(transport_config(&t)?)
+        };
         let server_tls = tls::server_config(&identity, config.tls)?;
         let quic_server = quinn::crypto::rustls::QuicServerConfig::try_from(server_tls)
             .map_err(|e| tls::TlsError::Quic(e.to_string()))?;
@@ -347,6 +355,7 @@ impl Node {
             endpoint,
             client_config: RwLock::new(client_config),
             transport_config: transport,
+            data_transport,
             tls_settings: config.tls,
             identity: RwLock::new(identity),
             deny,
@@ -809,7 +818,7 @@ async fn accept_loop(inner: Arc<Inner>) {
                             return;
                         }
                     } else {
-                        stats::inc(&inner.stats.zero_rtt_connections);
+                        stats::inc(&inner.stats.resumed_connections);
                     }
                     conn
                 }

@@ -198,7 +198,10 @@ struct Entry {
     probability: f64,
     expected_in_ms: u64,
     expires: Instant,
+    /// Used at least once since it was prepared (else dropping it is waste).
     used: bool,
+    /// Used since the driver last prepared it (a pre-opened stream must be opened again).
+    rearm: bool,
 }
 
 #[derive(Debug)]
@@ -311,6 +314,7 @@ impl Engine {
         c.recent.truncate(64);
         let level = c.warm.get_mut(service).map(|e| {
             e.used = true;
+            e.rearm = true;
             e.level
         });
         self.replan(now, client);
@@ -515,8 +519,10 @@ impl Engine {
 
     /// The level worth preparing for a candidate, if any.
     fn level_for(&self, scale: f64, service: &str, p: f64, expected_in_ms: u64) -> Option<Level> {
-        if matches!(self.cfg.policy, Policy::Recent | Policy::Hinted) {
-            return Some(Level::Connection);
+        match self.cfg.policy {
+            Policy::Recent => return Some(Level::Connection),
+            Policy::Hinted => return Some(Level::Stream),
+            Policy::Off | Policy::Predictive => {}
         }
         let rtt = self
             .rtt
@@ -610,9 +616,9 @@ impl Engine {
                         e.probability = p;
                         e.expected_in_ms = t;
                         e.expires = now + ttl;
-                        if changed || e.used {
+                        if changed || e.rearm {
                             // A used stream must be opened again; a new level prepared.
-                            e.used = false;
+                            e.rearm = false;
                             new_actions.push(Action::Warm {
                                 client: client.to_owned(),
                                 service: s,
@@ -630,6 +636,7 @@ impl Engine {
                                 expected_in_ms: t,
                                 expires: now + ttl,
                                 used: false,
+                                rearm: false,
                             },
                         );
                         new_actions.push(Action::Warm {

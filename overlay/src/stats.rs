@@ -135,6 +135,8 @@ stats! {
     preauth_hits_ticket => "meshd_preauth_hits_ticket_total", "Pre-authentication: hits with a 0-RTT ticket", counter;
     /// Requests that took the cold path.
     preauth_misses => "meshd_preauth_misses_total", "Pre-authentication: misses", counter;
+    /// Warm entries prepared.
+    preauth_prepared => "meshd_preauth_prepared_total", "Pre-authentication: entries prepared", counter;
     /// Warm entries dropped without having been used.
     preauth_waste => "meshd_preauth_waste_total", "Pre-authentication: entries prepared and never used", counter;
     /// Speculative handshakes started.
@@ -151,8 +153,10 @@ stats! {
     preauth_bytes => "meshd_preauth_bytes_total", "Pre-authentication: bytes spent on speculative work", counter;
     /// Pre-opened streams currently held for peers (server side).
     preopened_inbound => "meshd_preopened_inbound", "Pre-opened streams held for peers", gauge;
-    /// Connections resumed with 0-RTT data (either side).
-    zero_rtt_connections => "meshd_zero_rtt_connections_total", "Connections that carried 0-RTT data", counter;
+    /// Connections dialled with 0-RTT data (client side).
+    zero_rtt_connections => "meshd_zero_rtt_connections_total", "Connections dialled with 0-RTT data", counter;
+    /// Inbound connections resumed from a ticket (server side; early data possible).
+    resumed_connections => "meshd_resumed_connections_total", "Inbound connections resumed from a ticket", counter;
     /// 0-RTT attempts the server refused (request then retried at 1-RTT).
     zero_rtt_rejected => "meshd_zero_rtt_rejected_total", "0-RTT attempts rejected", counter;
     /// Requests refused as replays (request id already executed from early data).

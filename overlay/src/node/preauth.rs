@@ -49,7 +49,10 @@ pub struct ServiceStream {
 pub struct Lease {
     inner: Option<Arc<Inner>>,
     peer: NodeId,
-    conn_id: usize,
+    conn: Option<quinn::Connection>,
+    active: Arc<AtomicUsize>,
+    /// The connection is the pool's (else a transient one of this request alone).
+    pooled: bool,
 }
 
 impl std::fmt::Debug for Lease {
@@ -63,21 +66,37 @@ impl Lease {
         Self {
             inner: None,
             peer,
-            conn_id: 0,
+            conn: None,
+            active: Arc::new(AtomicUsize::new(0)),
+            pooled: false,
+        }
+    }
+
+    /// A connection dialled for one request while the pool already had one to that peer.
+    fn transient(peer: NodeId, conn: quinn::Connection) -> Self {
+        Self {
+            inner: None,
+            peer,
+            conn: Some(conn),
+            active: Arc::new(AtomicUsize::new(1)),
+            pooled: false,
         }
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        if let Some(inner) = self.inner.take() {
-            let mut pool = lock(&inner.pool);
-            if let Some(dc) = pool.conns.get(&self.peer) {
-                if dc.conn.stable_id() == self.conn_id {
-                    dc.active.fetch_sub(1, Ordering::Relaxed);
-                }
-            }
-            pool.close_unused(self.peer);
+        let Some(conn) = self.conn.take() else {
+            return;
+        };
+        let left = self
+            .active
+            .fetch_sub(1, Ordering::Relaxed)
+            .saturating_sub(1);
+        match (self.pooled, self.inner.take()) {
+            (true, Some(inner)) => lock(&inner.pool).close_unused(self.peer),
+            _ if left == 0 => conn.close(VarInt::from_u32(code::OK), b"unused"),
+            _ => {}
         }
     }
 }
@@ -164,6 +183,7 @@ fn sync_stats(inner: &Inner, e: &Engine) {
         .store(s.hits_ticket, Ordering::Relaxed);
     st.preauth_misses.store(s.misses, Ordering::Relaxed);
     st.preauth_waste.store(s.wasted, Ordering::Relaxed);
+    st.preauth_prepared.store(s.prepared, Ordering::Relaxed);
     st.preauth_speculative_handshakes
         .store(s.speculative_handshakes, Ordering::Relaxed);
 }
@@ -284,10 +304,14 @@ async fn serve(
     let early = is_idempotent(inner, service)
         && engine(inner).is_some_and(|e| e.config().zero_rtt)
         && !inner.has_token_requirement(service);
-    let (conn, zero_rtt) = dial_data(inner, peer, early)
+    let (conn, zero_rtt, pooled) = dial_data(inner, peer, early)
         .await
         .map_err(|source| ForwardError::Dial { peer, source })?;
-    let lease = lease(inner, &lock(&inner.pool), peer);
+    let lease = if pooled {
+        lease(inner, &lock(&inner.pool), peer)
+    } else {
+        Lease::transient(peer, conn.clone())
+    };
     let (send, recv) = open_forward(inner, &conn, peer, service).await?;
     Ok(ServiceStream {
         send,
@@ -309,7 +333,9 @@ fn lease(inner: &Arc<Inner>, pool: &Pool, peer: NodeId) -> Lease {
             Lease {
                 inner: Some(inner.clone()),
                 peer,
-                conn_id: d.conn.stable_id(),
+                conn: Some(d.conn.clone()),
+                active: d.active.clone(),
+                pooled: true,
             }
         }
         None => Lease::none(peer),
@@ -369,12 +395,13 @@ async fn token_for(
 }
 
 /// Dials a data connection to `peer` (in 0-RTT when `early` and a ticket is held) and adds it
-/// to the pool. Returns the connection and whether it carries 0-RTT data.
+/// to the pool unless the pool already has a live one to that peer. Returns the connection,
+/// whether it carries 0-RTT data, and whether it is the pool's.
 async fn dial_data(
     inner: &Arc<Inner>,
     peer: NodeId,
     early: bool,
-) -> Result<(quinn::Connection, bool), DialError> {
+) -> Result<(quinn::Connection, bool, bool), DialError> {
     let addr = read(&inner.alive)
         .get(&peer)
         .map(|p| p.addr)
@@ -384,7 +411,8 @@ async fn dial_data(
         .clone()
         .try_acquire_owned()
         .map_err(|_| DialError::Overloaded)?;
-    let client_config = read(&inner.client_config).clone();
+    let mut client_config = read(&inner.client_config).clone();
+    client_config.transport_config(inner.data_transport.clone());
     let connecting =
         inner
             .endpoint
@@ -396,14 +424,48 @@ async fn dial_data(
     };
     let (conn, zero_rtt) = match attempt {
         Ok((conn, accepted)) => {
-            let stats = inner.stats.clone();
+            // The server is the one the ticket came from (only it holds the resumption
+            // secret), so early data goes to `peer`; the full identity check (expiry,
+            // revocation, key binding) runs as soon as the handshake completes, before any
+            // response can be read, and closes the connection if it fails.
+            if inner.deny.is_node_denied(&peer) {
+                conn.close(VarInt::from_u32(code::AUTH_FAILED), b"refused");
+                return Err(AuthError::Denied(peer).into());
+            }
+            let inner2 = inner.clone();
+            let c = conn.clone();
             tokio::spawn(async move {
                 if !accepted.await {
-                    stats::inc(&stats.zero_rtt_rejected);
+                    stats::inc(&inner2.stats.zero_rtt_rejected);
+                }
+                match authenticate_peer(&c, &inner2.deny, now_unix()) {
+                    Ok(info) if info.node_id == peer => {}
+                    _ => {
+                        stats::inc(&inner2.stats.connections_refused);
+                        c.close(VarInt::from_u32(code::AUTH_FAILED), b"refused");
+                    }
                 }
             });
             stats::inc(&inner.stats.zero_rtt_connections);
-            (conn, true)
+            stats::inc(&inner.stats.handshakes);
+            charge_handshake(&inner.transport).await;
+            // Until the handshake completes (and the check above runs) the connection is known
+            // by the node id it was dialled for.
+            let info = crate::identity::CertInfo {
+                node_id: peer,
+                name: read(&inner.alive)
+                    .get(&peer)
+                    .map(|p| p.name.clone())
+                    .unwrap_or_default(),
+                serial: String::new(),
+                not_after_unix: i64::MAX,
+                not_before_unix: 0,
+                groups: Vec::new(),
+            };
+            stats::inc(&inner.stats.connections_dialed);
+            let pooled = pool_insert(inner, peer, &conn);
+            inner.register(conn.clone(), info, permit);
+            return Ok((conn, true, pooled));
         }
         Err(connecting) => (connecting.await?, false),
     };
@@ -426,26 +488,31 @@ async fn dial_data(
         }
     };
     stats::inc(&inner.stats.connections_dialed);
+    let pooled = pool_insert(inner, peer, &conn);
+    inner.register(conn.clone(), info, permit);
+    Ok((conn, zero_rtt, pooled))
+}
+
+/// Adds `conn` to the pool unless it holds a live connection to `peer`; whether it did.
+fn pool_insert(inner: &Inner, peer: NodeId, conn: &quinn::Connection) -> bool {
     {
         let mut pool = lock(&inner.pool);
-        let old = pool.conns.insert(
-            peer,
-            DataConn {
-                conn: conn.clone(),
-                refs: 0,
-                active: Arc::new(AtomicUsize::new(0)),
-            },
-        );
-        // Entries that referred to a dead connection refer to the new one.
-        if let Some(old) = old {
-            if let Some(d) = pool.conns.get_mut(&peer) {
-                d.refs = old.refs;
-                d.active = old.active;
-            }
+        if pool.live(peer).is_some() {
+            false
+        } else {
+            // Entries that referred to a dead connection refer to the new one.
+            let refs = pool.conns.get(&peer).map_or(0, |d| d.refs);
+            pool.conns.insert(
+                peer,
+                DataConn {
+                    conn: conn.clone(),
+                    refs,
+                    active: Arc::new(AtomicUsize::new(0)),
+                },
+            );
+            true
         }
     }
-    inner.register(conn.clone(), info, permit);
-    Ok((conn, zero_rtt))
 }
 
 /// Runs the engine's pending actions, one task each.
@@ -528,10 +595,17 @@ async fn warm(inner: &Arc<Inner>, client: &str, service: &str, level: Level) -> 
                 return Err("speculative handshake budget exhausted".into());
             }
             stats::inc(&inner.stats.preauth_speculative_handshakes);
-            dial_data(inner, peer, false)
+            let (c, _, pooled) = dial_data(inner, peer, false)
                 .await
-                .map_err(|e| e.to_string())?
-                .0
+                .map_err(|e| e.to_string())?;
+            if !pooled {
+                // Another dial won the race: use the pool's, drop ours.
+                c.close(VarInt::from_u32(code::OK), b"duplicate");
+            }
+            match lock(&inner.pool).live(peer) {
+                Some(d) => d.conn.clone(),
+                None => return Err("connection lost".into()),
+            }
         }
     };
     {
