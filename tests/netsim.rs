@@ -10,7 +10,7 @@ use netsim::{Mode, RunOptions, Scenario};
 fn run(toml: &str, sets: &[&str]) -> (netsim::Report, Vec<RequestRecord>) {
     let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
     let sc = Scenario::parse(toml, &sets).expect("scenario parses");
-    netsim::run(&sc, Mode::Reactive, RunOptions::default()).expect("run completes")
+    netsim::run(&sc, Mode::Shared, RunOptions::default()).expect("run completes")
 }
 
 fn ms(r: &RequestRecord) -> f64 {
@@ -240,4 +240,39 @@ fn real_time_mode_agrees_on_a_warm_request() {
 fn unknown_mode_lists_valid_modes() {
     let e = Mode::from_name("nope").unwrap_err().to_string();
     assert!(e.contains("reactive"), "{e}");
+}
+
+/// The pre-authentication comparison on a slice of a real trace (Online Boutique, 5 s): every
+/// mode on the same seed and workload. Predicted requests take the warm path: the predictive
+/// mode beats reactive (every request cold) and the pool of the same budget, and stays within
+/// reach of the oracle.
+#[test]
+fn preauth_modes_compare_on_a_trace_slice() {
+    let text = std::fs::read_to_string("netsim/scenarios/preauth.toml").expect("bundled");
+    let sets: Vec<String> = ["duration_s=5", "warmup_s=3", "preauth.budget=3"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let sc = Scenario::parse(&text, &sets).expect("scenario parses");
+    let modes = [Mode::Reactive, Mode::Pool, Mode::Predictive, Mode::Oracle];
+    let reports = netsim::compare(&sc, &modes, RunOptions::default()).expect("runs");
+    let [reactive, pool, predictive, oracle] = &reports[..] else {
+        panic!("four reports");
+    };
+    for r in &reports {
+        assert!(r.requests.total > 100, "{}: {}", r.mode, r.requests.total);
+        assert_eq!(r.requests.failed, 0, "{}", r.mode);
+    }
+    // Reactive pays the handshake on every request; nothing is warm.
+    assert_eq!(reactive.hit_rate, 0.0);
+    assert!(reactive.first_byte_rtt.p50 >= 2.0);
+    // Predicted hits are served in one round trip (plus the simulated handshake CPU of a
+    // 0-RTT resumption at most).
+    assert!(predictive.hit_rate > 0.8, "{}", predictive.hit_rate);
+    assert!(predictive.first_byte_rtt.p50 <= 1.05);
+    assert!(predictive.first_byte_rtt.mean * 1.5 < reactive.first_byte_rtt.mean);
+    assert!(predictive.first_byte_rtt.mean < pool.first_byte_rtt.mean);
+    assert!(predictive.hit_rate > pool.hit_rate);
+    assert!(oracle.hit_rate >= pool.hit_rate);
+    assert!(predictive.speculative_handshakes_per_request < 0.5);
 }

@@ -77,8 +77,8 @@ enum Cmd {
     Run {
         #[command(flatten)]
         common: Common,
-        /// Peer configuration mode.
-        #[arg(long, default_value = "reactive")]
+        /// Peer configuration mode (default: shared, the daemon without pre-authentication).
+        #[arg(long, default_value = "shared")]
         mode: String,
         /// Also write every request record as JSON lines here.
         #[arg(long)]

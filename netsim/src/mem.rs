@@ -33,6 +33,15 @@ pub struct MemNet {
     sent: Arc<AtomicU64>,
     dropped: Arc<AtomicU64>,
     loss: Arc<Mutex<Option<(f64, StdRng)>>>,
+    /// Datagrams recorded from one address to another (an on-path attacker's capture).
+    capture: Arc<Mutex<Option<Capture>>>,
+}
+
+#[derive(Default)]
+struct Capture {
+    from: Option<SocketAddr>,
+    to: Option<SocketAddr>,
+    packets: Vec<Bytes>,
 }
 
 impl fmt::Debug for MemNet {
@@ -70,6 +79,30 @@ impl MemNet {
             (p > 0.0).then(|| (p.min(1.0), StdRng::seed_from_u64(seed)));
     }
 
+    /// Starts recording every datagram sent from `from` to `to` (replacing any recording).
+    pub fn start_capture(&self, from: SocketAddr, to: SocketAddr) {
+        *self.capture.lock().unwrap_or_else(|e| e.into_inner()) = Some(Capture {
+            from: Some(from),
+            to: Some(to),
+            packets: Vec::new(),
+        });
+    }
+
+    /// Stops recording and returns what was recorded, in order.
+    pub fn take_capture(&self) -> Vec<Bytes> {
+        self.capture
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .map(|c| c.packets)
+            .unwrap_or_default()
+    }
+
+    /// Delivers `data` to `to` as if `from` had sent it (a replay by an on-path attacker).
+    pub fn inject(&self, from: SocketAddr, to: SocketAddr, data: &[u8]) {
+        self.deliver(from, to, data);
+    }
+
     /// Datagrams dropped so far (loss, full queues, unknown destinations).
     pub fn packets_dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
@@ -81,6 +114,16 @@ impl MemNet {
     }
 
     fn deliver(&self, from: SocketAddr, to: SocketAddr, data: &[u8]) {
+        if let Some(c) = self
+            .capture
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            if c.from == Some(from) && c.to == Some(to) {
+                c.packets.push(Bytes::copy_from_slice(data));
+            }
+        }
         if let Some((p, rng)) = self.loss.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
             if rng.random_bool(*p) {
                 self.dropped.fetch_add(1, Ordering::Relaxed);

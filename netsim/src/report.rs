@@ -421,7 +421,7 @@ impl Report {
     /// The report with the fields that vary between runs of one seed zeroed: what the
     /// determinism check compares. They are wall time and memory (the machine), and the
     /// network's datagram and byte counters, which differ by a few ACK-only datagrams (under
-    /// 1%): tokio randomises `select!` branch order per runtime (its seed is settable only with
+    /// 1%; `bytes_per_request` derives from them): tokio randomises `select!` branch order per runtime (its seed is settable only with
     /// `--cfg tokio_unstable`), which changes when quinn's ACKs coalesce. Request records,
     /// latencies, outcomes and the peers' counters are identical.
     pub fn without_varying_fields(&self) -> Report {
@@ -429,6 +429,7 @@ impl Report {
             wall_s: 0.0,
             memory: Memory::default(),
             net: NetStats::default(),
+            bytes_per_request: 0.0,
             ..self.clone()
         }
     }

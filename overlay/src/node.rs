@@ -459,6 +459,11 @@ impl Node {
         lock(&self.inner.upstreams).clone()
     }
 
+    /// QUIC connections the endpoint still tracks (including closing and draining ones).
+    pub fn quic_connections(&self) -> usize {
+        self.inner.endpoint.open_connections()
+    }
+
     /// Counters.
     pub fn stats(&self) -> &Stats {
         &self.inner.stats
@@ -749,7 +754,11 @@ impl Inner {
         info: CertInfo,
         permit: tokio::sync::OwnedSemaphorePermit,
     ) {
-        self.register_with(conn, info, permit, watch::channel(true).1)
+        let early = EarlyCtx {
+            confirmed: watch::channel(true).1,
+            resumed: false,
+        };
+        self.register_with(conn, info, permit, early)
     }
 
     /// Like [`Inner::register`]; `confirmed` turns true when the handshake completes (a
@@ -759,7 +768,7 @@ impl Inner {
         conn: quinn::Connection,
         info: CertInfo,
         permit: tokio::sync::OwnedSemaphorePermit,
-        confirmed: watch::Receiver<bool>,
+        early: EarlyCtx,
     ) {
         {
             let mut conns = lock(&self.conns);
@@ -774,9 +783,7 @@ impl Inner {
         stats::inc(&self.stats.connections_open);
         let span =
             tracing::debug_span!("conn", peer = %info.node_id.fmt_short(), name = %info.name);
-        tokio::spawn(
-            serve_connection(self.clone(), conn, info, permit, confirmed).instrument(span),
-        );
+        tokio::spawn(serve_connection(self.clone(), conn, info, permit, early).instrument(span));
     }
 }
 
@@ -801,6 +808,7 @@ async fn accept_loop(inner: Arc<Inner>) {
             // certificate comes back from the ticket, so it is authenticated before any of
             // its early data is served; a full handshake waits for the client's certificate.
             let (confirmed_tx, confirmed) = watch::channel(false);
+            let mut resumed = false;
             let conn = match connecting.into_0rtt() {
                 Ok((conn, accepted)) => {
                     let watcher = conn.clone();
@@ -818,6 +826,7 @@ async fn accept_loop(inner: Arc<Inner>) {
                             return;
                         }
                     } else {
+                        resumed = true;
                         stats::inc(&inner.stats.resumed_connections);
                     }
                     conn
@@ -840,7 +849,7 @@ async fn accept_loop(inner: Arc<Inner>) {
                 Ok(info) => {
                     stats::inc(&inner.stats.connections_accepted);
                     debug!(%remote, peer = %info.node_id.fmt_short(), "inbound connection");
-                    inner.register_with(conn, info, permit, confirmed);
+                    inner.register_with(conn, info, permit, EarlyCtx { confirmed, resumed });
                 }
                 Err(e) => {
                     stats::inc(&inner.stats.connections_refused);
@@ -858,7 +867,7 @@ async fn serve_connection(
     conn: quinn::Connection,
     info: CertInfo,
     _permit: tokio::sync::OwnedSemaphorePermit,
-    confirmed: watch::Receiver<bool>,
+    early: EarlyCtx,
 ) {
     let mut revalidate = tokio::time::interval(inner.transport.revalidate_interval);
     revalidate.tick().await;
@@ -872,7 +881,7 @@ async fn serve_connection(
                 Ok((send, recv)) => {
                     stats::inc(&inner.stats.streams_accepted);
                     let span = tracing::debug_span!("stream", id = %send.id());
-                    tokio::spawn(handle_stream(inner.clone(), info.clone(), send, recv, confirmed.clone()).instrument(span));
+                    tokio::spawn(handle_stream(inner.clone(), info.clone(), send, recv, early.clone()).instrument(span));
                 }
                 Err(e) => break e,
             },
@@ -927,7 +936,7 @@ async fn handle_stream(
     peer: CertInfo,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
-    confirmed: watch::Receiver<bool>,
+    early: EarlyCtx,
 ) {
     let header = match timeout(
         inner.transport.header_timeout,
@@ -953,7 +962,7 @@ async fn handle_stream(
     | StreamKind::ForwardAuth { service, .. }
     | StreamKind::Preopen { service, .. } = &header.kind
     {
-        if !early_data_allowed(&inner, &peer, service, header.request_id, &recv, confirmed).await {
+        if !early_data_allowed(&inner, &peer, service, header.request_id, &recv, early).await {
             reset(&mut send, &mut recv, code::DUPLICATE_REQUEST);
             return;
         }
@@ -1047,18 +1056,30 @@ async fn handle_stream(
     }
 }
 
-/// Early-data rules for a forwarding stream: a request that rode in 0-RTT is executed at most
-/// once (its id is remembered; a replay or a retry of a replayed id is refused), and one for a
-/// service not marked idempotent waits until the handshake completed (a replayed first flight
-/// never completes it). Returns false when the stream must be refused as a duplicate.
+/// What a connection's streams need to apply the early-data rules.
+#[derive(Clone)]
+struct EarlyCtx {
+    /// Turns true when the handshake completes.
+    confirmed: watch::Receiver<bool>,
+    /// Resumed from a ticket: its first requests may have ridden in 0-RTT data.
+    resumed: bool,
+}
+
+/// Early-data rules for a forwarding stream: a request that may have ridden in 0-RTT data (on
+/// a resumed connection) is executed at most once (its id is remembered for longer than a
+/// ticket lives; a replay, or the retry of a request an attacker replayed first, is refused),
+/// and one that arrived before the handshake completed, for a service not marked idempotent,
+/// waits for the handshake (a replayed first flight never completes it). Returns false when
+/// the stream must be refused as a duplicate.
 async fn early_data_allowed(
     inner: &Arc<Inner>,
     peer: &CertInfo,
     service: &str,
     request_id: u64,
     recv: &quinn::RecvStream,
-    mut confirmed: watch::Receiver<bool>,
+    ctx: EarlyCtx,
 ) -> bool {
+    let mut confirmed = ctx.confirmed;
     let early = recv.is_0rtt();
     if early && !inner.preauth_settings.idempotent.contains(service) {
         stats::inc(&inner.stats.early_data_held);
@@ -1070,7 +1091,8 @@ async fn early_data_allowed(
             return false;
         }
     }
-    let fresh = lock(&inner.replay).check(Instant::now(), peer.node_id, request_id, early);
+    let remember = early || ctx.resumed;
+    let fresh = lock(&inner.replay).check(Instant::now(), peer.node_id, request_id, remember);
     if !fresh {
         stats::inc(&inner.stats.replays_refused);
         warn!(peer = %peer.node_id.fmt_short(), service, request_id, "replayed request refused");

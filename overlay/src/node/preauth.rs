@@ -203,17 +203,19 @@ pub(super) async fn open_for(
     service: &str,
 ) -> Result<ServiceStream, ForwardError> {
     let Some(_) = inner.preauth else {
-        // No engine: the standard path over the shared connection.
-        let had = super::pick_provider(inner, service).and_then(|p| inner.live_conn(p));
+        // No engine: the standard path over the shared connection. Whether it dialled is
+        // read off the handshake counter (approximate when requests run concurrently).
+        let before = inner.stats.connections_dialed.load(Ordering::Relaxed);
         let (send, recv) = super::open_service_stream(inner, service).await?;
+        let dialled = inner.stats.connections_dialed.load(Ordering::Relaxed) > before;
         let peer = inner.info.node_id;
         return Ok(ServiceStream {
             send,
             recv,
-            served: if had.is_some() {
-                Served::Connection
-            } else {
+            served: if dialled {
                 Served::Cold
+            } else {
+                Served::Connection
             },
             peer,
             lease: Lease::none(peer),
@@ -535,6 +537,11 @@ pub(super) fn apply_actions(inner: &Arc<Inner>) {
                 service,
                 level,
             } => {
+                if level >= Level::Connection {
+                    // Take the reference now, so that a connection in use by the request that
+                    // triggered this is not closed before the warm-up task runs.
+                    reserve(inner, &(client.clone(), service.clone()), level);
+                }
                 let inner = inner.clone();
                 tokio::spawn(async move {
                     if let Err(e) = warm(&inner, &client, &service, level).await {
@@ -542,6 +549,40 @@ pub(super) fn apply_actions(inner: &Arc<Inner>) {
                     }
                 });
             }
+        }
+    }
+}
+
+/// Points the entry at a live pooled connection to one of the service's providers, if any.
+fn reserve(inner: &Arc<Inner>, key: &(String, String), level: Level) {
+    let providers = super::auth::live_providers(inner, &key.1);
+    let mut pool = lock(&inner.pool);
+    let current = pool.slots.get(key).and_then(|s| s.provider);
+    let Some(peer) = current
+        .filter(|p| providers.contains(p) && pool.live(*p).is_some())
+        .or_else(|| providers.iter().copied().find(|p| pool.live(*p).is_some()))
+    else {
+        return;
+    };
+    let slot = pool.slots.entry(key.clone()).or_insert(Slot {
+        provider: None,
+        level,
+        holds_ref: false,
+        stream: None,
+    });
+    slot.level = level;
+    let had = slot.holds_ref.then_some(slot.provider).flatten();
+    slot.provider = Some(peer);
+    slot.holds_ref = true;
+    if had != Some(peer) {
+        if let Some(d) = pool.conns.get_mut(&peer) {
+            d.refs += 1;
+        }
+        if let Some(old) = had {
+            if let Some(d) = pool.conns.get_mut(&old) {
+                d.refs = d.refs.saturating_sub(1);
+            }
+            pool.close_unused(old);
         }
     }
 }
@@ -675,6 +716,8 @@ async fn warm(inner: &Arc<Inner>, client: &str, service: &str, level: Level) -> 
         Some(slot) if slot.stream.is_none() && slot.provider == Some(peer) => {
             slot.stream = Some((send, recv, deadline));
             stats::inc(&inner.stats.preauth_streams_preopened);
+            // The timer task must learn of this deadline.
+            inner.preauth_wake.notify_one();
         }
         _ => {
             let _ = send.reset(VarInt::from_u32(code::PREOPEN_EXPIRED));
@@ -819,8 +862,19 @@ pub(super) fn view(inner: &Inner) -> serde_json::Value {
         return serde_json::json!({ "enabled": false });
     };
     let now = Instant::now();
+    let (conns, streams) = {
+        let pool = lock(&inner.pool);
+        (
+            pool.conns
+                .values()
+                .filter(|d| d.refs > 0 && d.conn.close_reason().is_none())
+                .count(),
+            pool.slots.values().filter(|s| s.stream.is_some()).count(),
+        )
+    };
     serde_json::json!({
         "enabled": true,
+        "pool": { "warm_connections": conns, "preopened_streams": streams },
         "policy": e.config().policy,
         "budget": e.config().budget,
         "clients": e.view(now),
