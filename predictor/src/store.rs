@@ -342,8 +342,19 @@ impl<K: Copy + Eq + Hash + Ord, V: Stamped> Bounded<K, V> {
 struct Slot<K, V> {
     key: K,
     live: bool,
+    /// Incremented whenever the slot is vacated, so a [`Hint`] taken earlier no longer matches.
+    /// A slot whose generation reaches `u32::MAX` is retired (never reused), so a generation is
+    /// never repeated in a slot.
+    gen: u32,
     value: V,
 }
+
+/// A slot number and its generation when it was taken (`slot | gen << 32`): valid exactly as
+/// long as the slot holds the same key, checked without comparing keys ([`Slab::check`]).
+pub(crate) type Hint = u64;
+
+/// A hint that never matches.
+pub(crate) const NO_HINT: Hint = u64::MAX;
 
 /// A [`Bounded`] table whose values live in a slab, so that callers can keep a value's slot
 /// number as a handle and skip the hash lookup next time. A handle is only a hint: [`Slab::holds`]
@@ -378,6 +389,35 @@ impl<K: Copy + Eq + Hash + Ord, V: Stamped + Default> Slab<K, V> {
         self.index.get(key).copied()
     }
 
+    /// The hint for `slot` (its current generation), [`NO_HINT`] if there is no such slot.
+    #[inline]
+    pub fn hint(&self, slot: u32) -> Hint {
+        self.slots
+            .get(slot as usize)
+            .map_or(NO_HINT, |s| u64::from(slot) | u64::from(s.gen) << 32)
+    }
+
+    /// The slot of `hint` if it still holds the key it held when the hint was taken (no key
+    /// comparison, no hash lookup).
+    #[inline]
+    pub fn check(&self, hint: Hint) -> Option<u32> {
+        let slot = hint as u32;
+        self.slots
+            .get(slot as usize)
+            .filter(|s| s.live && u64::from(s.gen) == hint >> 32)
+            .map(|_| slot)
+    }
+
+    /// The value for `hint`, if still valid (see [`Slab::check`]).
+    #[inline]
+    pub fn at_hint(&self, hint: Hint) -> Option<&V> {
+        let slot = hint as u32;
+        self.slots
+            .get(slot as usize)
+            .filter(|s| s.live && u64::from(s.gen) == hint >> 32)
+            .map(|s| &s.value)
+    }
+
     /// Whether `slot` holds `key` (no hash lookup).
     #[inline]
     pub fn holds(&self, slot: u32, key: &K) -> bool {
@@ -398,7 +438,7 @@ impl<K: Copy + Eq + Hash + Ord, V: Stamped + Default> Slab<K, V> {
 
     /// The value for `key`: in `hint` if that slot holds it (one check, no hash lookup), else
     /// found by a hash lookup.
-    #[inline]
+    #[cfg(test)]
     pub fn get_hinted(&self, hint: u32, key: &K) -> Option<&V> {
         match self.slots.get(hint as usize) {
             Some(s) if s.live && s.key == *key => Some(&s.value),
@@ -448,6 +488,7 @@ impl<K: Copy + Eq + Hash + Ord, V: Stamped + Default> Slab<K, V> {
                 self.slots.push(Slot {
                     key,
                     live: true,
+                    gen: 0,
                     value: V::default(),
                 });
                 // The cap keeps the slot count below `NO_SLOT`.
@@ -463,8 +504,13 @@ impl<K: Copy + Eq + Hash + Ord, V: Stamped + Default> Slab<K, V> {
         if s.live {
             s.live = false;
             s.value = V::default();
+            s.gen = s.gen.saturating_add(1);
             self.index.remove(&s.key);
-            self.free.push(slot);
+            // Retired after 2^32 - 1 reuses (one slot per 4 billion evictions of it), so no
+            // generation repeats.
+            if s.gen != u32::MAX {
+                self.free.push(slot);
+            }
         }
     }
 
@@ -536,6 +582,7 @@ impl<K: Copy + Eq + Hash + Ord, V: Stamped + Default> Slab<K, V> {
             b.slots.push(Slot {
                 key: k,
                 live: true,
+                gen: 0,
                 value: v,
             });
         }
@@ -693,5 +740,38 @@ mod tests {
         assert!(s.slot_of(&99).is_some() && s.slot_of(&0).is_none());
         assert!(s.slots.len() <= 8, "evicted slots are reused");
         assert!(!s.holds(NO_SLOT, &99));
+    }
+
+    #[test]
+    fn slab_hints_match_exactly_while_the_slot_holds_the_key() {
+        let mut s: Slab<u32, u64> = Slab::new(8, u64::MAX);
+        let mut hints = Vec::new();
+        for i in 0..200u32 {
+            let (slot, _) = s.upsert(i % 50, u64::from(i));
+            hints.push((i % 50, s.hint(slot)));
+            for &(k, h) in &hints {
+                // Never a false positive: a valid hint's slot holds its key ...
+                if let Some(x) = s.check(h) {
+                    assert_eq!(s.slot_of(&k), Some(x), "key {k}");
+                    assert_eq!(s.at_hint(h), s.at(x));
+                } else {
+                    assert_eq!(s.at_hint(h), None);
+                }
+            }
+            // ... and a key's latest hint stays valid while the key is in the table.
+            for k in 0..50u32 {
+                if let Some(&(_, h)) = hints.iter().rev().find(|e| e.0 == k) {
+                    assert_eq!(s.check(h), s.slot_of(&k), "key {k}");
+                }
+            }
+        }
+        assert_eq!(s.check(NO_HINT), None);
+        // A slot whose generation is exhausted is retired, never reused.
+        let (slot, _) = s.upsert(1_000, 0);
+        s.slots[slot as usize].gen = u32::MAX - 1;
+        s.vacate(slot);
+        assert!(!s.free.contains(&slot));
+        let (again, _) = s.upsert(1_001, 0);
+        assert_ne!(again, slot);
     }
 }

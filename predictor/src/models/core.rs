@@ -21,7 +21,7 @@ use std::hash::{Hash, Hasher};
 use serde::{Deserialize, Serialize};
 
 use crate::models::ModelConfig;
-use crate::store::{Bounded, Decay, Dist, Slab, Stamped, NONE, NO_SLOT};
+use crate::store::{Bounded, Decay, Dist, Hint, Slab, Stamped, NONE, NO_HINT, NO_SLOT};
 use crate::{ClientId, GroupId};
 
 /// Scope index: the client's own contexts.
@@ -65,17 +65,40 @@ impl Hash for CtxKey {
 /// Tables per scope: orders `0..=MAX_ORDER`, then the bag ([`BAG_SLOT`]).
 pub(crate) const SLOTS: usize = MAX_ORDER + 2;
 
-/// A client-scope table known not to exist (only the client itself creates those).
-const ABSENT: u32 = NO_SLOT - 1;
+/// A client-scope table known not to exist (only the client itself creates those): a hint
+/// whose slot number no slab reaches.
+const ABSENT: Hint = (NO_SLOT - 1) as u64;
 
-/// Slab slots of a client's current-context tables, `[scope][slot]`: [`NO_SLOT`] = unknown,
-/// `ABSENT` = known missing. An accelerator, not state: skipped by serde and by `==`.
+/// Generation-tagged slab hints of a client's current-context tables, `[scope][slot]`
+/// ([`NO_HINT`] = unknown, `ABSENT` = known missing), and the scope ids they were taken for
+/// (a client's group can change, or its group be recreated with a new serial). A hint is
+/// trusted without comparing keys when its scope id matches and its generation is current;
+/// anything else falls back to a keyed lookup. An accelerator, not state: skipped by serde
+/// and by `==`, reset whenever the client's history is.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Handles([[u32; SLOTS]; 3]);
+pub(crate) struct Handles {
+    ids: [Option<u64>; 3],
+    h: [[Hint; SLOTS]; 3],
+}
 
 impl Default for Handles {
     fn default() -> Self {
-        Self([[NO_SLOT; SLOTS]; 3])
+        Self {
+            ids: [None; 3],
+            h: [[NO_HINT; SLOTS]; 3],
+        }
+    }
+}
+
+impl Handles {
+    /// The hints of `scope` if they were taken for scope id `id`, else all unknown.
+    #[inline]
+    fn of(&self, scope: usize, id: u64) -> [Hint; SLOTS] {
+        if self.ids[scope] == Some(id) {
+            self.h[scope]
+        } else {
+            [NO_HINT; SLOTS]
+        }
     }
 }
 
@@ -130,9 +153,9 @@ pub(crate) struct Pre {
 /// Slot of the bag context in per-scope arrays indexed by order.
 pub(crate) const BAG_SLOT: usize = MAX_ORDER + 1;
 
-/// Context slots (order or bag) updated by one event in one scope: `(slot, key, position of
-/// the service in the table)`.
-type Updated = [Option<(u32, CtxKey, usize)>; SLOTS];
+/// Context tables (order or bag) updated by one event in one scope: `(hint, position of the
+/// service in the table)`.
+type Updated = [Option<(Hint, usize)>; SLOTS];
 
 impl Stamped for GroupState {
     fn last_at(&self) -> u64 {
@@ -284,16 +307,20 @@ impl<X: Clone> Core<X> {
         let mut bag = [None; 3];
         for (scope, id) in self.scope_ids(c).into_iter().enumerate() {
             let Some(id) = id else { continue };
-            let hints = &c.cur.0[scope];
-            let find = |key: Option<CtxKey>, hint: u32| {
-                let key = key?;
+            let hints = c.cur.of(scope, id);
+            // A valid hint is the table of this context (hints are reset with the history and
+            // checked against the scope id); otherwise build the key and look it up.
+            let find = |hint: Hint, key: &dyn Fn() -> Option<CtxKey>| {
+                if let Some(d) = self.ctx.at_hint(hint) {
+                    return Some(d);
+                }
                 if scope == CLIENT && hint == ABSENT {
                     return None;
                 }
-                self.ctx.get_hinted(hint, &key)
+                self.ctx.slot_of(&key()?).and_then(|s| self.ctx.at(s))
             };
             if self.bag {
-                bag[scope] = find(Self::bag_key(id, &c.hist), hints[BAG_SLOT]);
+                bag[scope] = find(hints[BAG_SLOT], &|| Self::bag_key(id, &c.hist));
             }
             for (order, slot) in d[scope]
                 .iter_mut()
@@ -301,7 +328,7 @@ impl<X: Clone> Core<X> {
                 .take(self.hi + 1)
                 .skip(self.lo)
             {
-                *slot = find(Self::key(id, &c.hist, order), hints[order]);
+                *slot = find(hints[order], &|| Self::key(id, &c.hist, order));
             }
         }
         View { d, bag }
@@ -338,19 +365,22 @@ impl<X: Clone> Core<X> {
         let mut next = Handles::default();
         for (scope, id) in ids.into_iter().enumerate() {
             let Some(id) = id else { continue };
+            let hints = cur.of(scope, id);
             let mut done: Updated = [None; SLOTS];
             for slot in (self.lo..=self.hi).chain(self.bag.then_some(BAG_SLOT)) {
-                let key = if slot == BAG_SLOT {
-                    Self::bag_key(id, &hist)
-                } else {
-                    Self::key(id, &hist, slot)
-                };
-                let Some(key) = key else { continue };
-                let hint = cur.0[scope][slot];
-                let s = if self.ctx.holds(hint, &key) {
-                    hint
-                } else {
-                    self.ctx.upsert(key, at).0
+                // A valid hint is this context's table (see `Handles`); the key is only built
+                // when it is not.
+                let s = match self.ctx.check(hints[slot]) {
+                    Some(s) => s,
+                    None => {
+                        let key = if slot == BAG_SLOT {
+                            Self::bag_key(id, &hist)
+                        } else {
+                            Self::key(id, &hist, slot)
+                        };
+                        let Some(key) = key else { continue };
+                        self.ctx.upsert(key, at).0
+                    }
                 };
                 let Some(dist) = self.ctx.at_mut(s) else {
                     continue;
@@ -366,9 +396,10 @@ impl<X: Clone> Core<X> {
                         count,
                     },
                 );
-                done[slot] = Some((s, key, pos));
+                done[slot] = Some((self.ctx.hint(s), pos));
             }
-            next.0[scope] = self.next_handles(scope, id, &done, &next_hist);
+            next.ids[scope] = Some(id);
+            next.h[scope] = self.next_handles(scope, id, &done, &next_hist);
         }
         if let Some(c) = self.clients.get_mut(&client) {
             c.hist = next_hist;
@@ -386,51 +417,62 @@ impl<X: Clone> Core<X> {
         id: u64,
         done: &Updated,
         hist: &[u32; MAX_ORDER],
-    ) -> [u32; SLOTS] {
-        let miss = if scope == CLIENT { ABSENT } else { NO_SLOT };
-        let mut out = [NO_SLOT; SLOTS];
+    ) -> [Hint; SLOTS] {
+        let miss = if scope == CLIENT { ABSENT } else { NO_HINT };
+        let mut out = [NO_HINT; SLOTS];
+        // Tables updated by this event are still valid unless a later upsert evicted them.
+        let live = |ctx: &Slab<CtxKey, Dist>, k: usize| {
+            done[k].and_then(|(h, pos)| ctx.check(h).map(|s| (s, pos)))
+        };
         for order in self.lo..=self.hi {
+            // Order 0 has no history: the same table again.
+            if order == 0 {
+                out[0] = match live(&self.ctx, 0) {
+                    Some((s, _)) => self.ctx.hint(s),
+                    None => self.lookup(&Self::key(id, hist, 0), miss),
+                };
+                continue;
+            }
             let Some(key) = Self::key(id, hist, order) else {
                 continue;
             };
-            // Order 0 has no history: the same table again.
-            let parent = if order == 0 {
-                None
-            } else {
-                done[order - 1].filter(|(s, k, _)| self.ctx.holds(*s, k))
-            };
-            out[order] = match (order, parent) {
-                (0, _) => done[0]
-                    .filter(|(s, k, _)| self.ctx.holds(*s, k))
-                    .map_or_else(|| self.ctx.slot_of(&key).unwrap_or(miss), |d| d.0),
-                (_, Some((ps, _, pos))) => self.follow(ps, pos, &key, miss),
-                (_, None) => self.ctx.slot_of(&key).unwrap_or(miss),
+            out[order] = match live(&self.ctx, order - 1) {
+                Some((ps, pos)) => self.follow(ps, pos, &key, miss),
+                None => self.lookup(&Some(key), miss),
             };
         }
         if self.bag {
             if let Some(key) = Self::bag_key(id, hist) {
-                out[BAG_SLOT] = self.ctx.slot_of(&key).unwrap_or(miss);
+                out[BAG_SLOT] = self.lookup(&Some(key), miss);
             }
         }
         out
     }
 
+    /// The hint of `key`'s table (one hash lookup), `miss` if there is none.
+    #[inline]
+    fn lookup(&self, key: &Option<CtxKey>, miss: Hint) -> Hint {
+        key.as_ref()
+            .and_then(|k| self.ctx.slot_of(k))
+            .map_or(miss, |s| self.ctx.hint(s))
+    }
+
     /// The slot of `key`, following the link of entry `pos` of the table in slot `ps` (and
     /// refreshing that link after a hash lookup); `miss` if the table does not exist.
     #[inline(always)]
-    fn follow(&mut self, ps: u32, pos: usize, key: &CtxKey, miss: u32) -> u32 {
+    fn follow(&mut self, ps: u32, pos: usize, key: &CtxKey, miss: Hint) -> Hint {
         let link = self
             .ctx
             .at(ps)
             .and_then(|d| d.entries.get(pos))
             .map_or(NO_SLOT, |e| e.child);
         if self.ctx.holds(link, key) {
-            link
+            self.ctx.hint(link)
         } else if let Some(found) = self.ctx.slot_of(key) {
             if let Some(e) = self.ctx.at_mut(ps).and_then(|d| d.entries.get_mut(pos)) {
                 e.child = found;
             }
-            found
+            self.ctx.hint(found)
         } else {
             miss
         }
@@ -470,6 +512,7 @@ impl<X: Clone> Core<X> {
         for c in self.clients.values_mut() {
             if c.hist.iter().any(|&h| gone(h)) {
                 c.hist = [NONE; MAX_ORDER];
+                c.cur = Handles::default();
             }
         }
     }
