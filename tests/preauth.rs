@@ -80,8 +80,8 @@ fn engine(policy: Policy, budget: usize) -> PreauthConfig {
         policy,
         budget,
         // Loopback RTTs are tiny: make every prediction worth preparing.
-        connection_cost_ms: 0.0,
-        stream_cost_ms: 0.0,
+        handshake_cost_ms: 0.0,
+        hold_cost_ms: 0.0,
         ..PreauthConfig::default()
     }
 }

@@ -5,6 +5,8 @@
 //! - `GET /v1/peers`: members with `node_id`, `name`, `addr`, `state` (alive | suspect | down).
 //! - `GET /v1/services`: the overlay-wide catalog, `name` and `node_id` per row.
 //! - `GET /v1/jwks`: this node's token verification keys (RFC 7517).
+//! - `GET /v1/preauth`: pre-authentication: each local client's warm set (service, level,
+//!   probability, expiry), the warm pool and the engine's counters.
 //! - `GET /metrics`: Prometheus text.
 //!
 //! Authenticated by the credential they carry:
@@ -90,6 +92,7 @@ pub fn router(node: Node, admin_token: Option<SecretString>) -> Router {
         .route("/v1/tokens", post(issue_token))
         .route("/v1/tokens/verify", post(verify_token))
         .route("/v1/jwks", get(jwks))
+        .route("/v1/preauth", get(preauth))
         .route("/v1/revocations", post(revoke))
         .route("/v1/signing-keys/rotate", post(rotate))
         .route("/v1/backup", get(backup))
@@ -212,6 +215,12 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
 
 async fn jwks(State(s): State<AppState>) -> impl IntoResponse {
     Json(s.node.jwks())
+}
+
+/// Pre-authentication: each local client's warm set (service, level, probability, expiry),
+/// the pool and the engine's counters. Read-only; shows no secret (tokens are never listed).
+async fn preauth(State(s): State<AppState>) -> impl IntoResponse {
+    Json(s.node.preauth_view())
 }
 
 #[derive(Deserialize)]

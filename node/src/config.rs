@@ -15,7 +15,7 @@ use overlay::auth::tokens::{TokenAlg, TokenSettings};
 use overlay::auth::AuthSettings;
 use overlay::identity::valid_name;
 use overlay::membership::MembershipConfig;
-use overlay::{NodeConfig, ServiceConfig, TransportSettings, UpstreamConfig};
+use overlay::{NodeConfig, PreauthSettings, ServiceConfig, TransportSettings, UpstreamConfig};
 use serde::Deserialize;
 
 /// A configuration error, naming the file and the key.
@@ -70,6 +70,41 @@ pub struct RawConfig {
     /// Service authentication.
     #[serde(default)]
     pub auth: RawAuth,
+    /// Predictive pre-authentication.
+    #[serde(default)]
+    pub preauth: RawPreauth,
+}
+
+/// `[preauth]`: keeping predicted services warm for local clients, and early data.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawPreauth {
+    /// Keep warm paths for local clients (default true). Off: one shared connection per peer.
+    pub enabled: Option<bool>,
+    /// "predictive" (default), "recent" (a pool of the most recently used) or "off".
+    pub policy: Option<String>,
+    /// Warm services per local client (default 3, at most 64).
+    pub budget: Option<usize>,
+    /// Warm connections for all clients together (default 64; ~80 KiB each).
+    pub max_warm_connections: Option<usize>,
+    /// Pre-opened streams for all clients together (default 32).
+    pub max_preopened_streams: Option<usize>,
+    /// Speculative handshakes per second (default 20).
+    pub speculative_handshakes_per_second: Option<f64>,
+    /// Prediction horizon (default 2000).
+    pub horizon_ms: Option<u64>,
+    /// An unused warm entry is dropped after this long (default 30000).
+    pub entry_ttl_ms: Option<u64>,
+    /// An unused pre-opened stream is closed after this long (default 5000).
+    pub stream_deadline_ms: Option<u64>,
+    /// Send requests of idempotent services in 0-RTT data (default true).
+    pub zero_rtt: Option<bool>,
+    /// Pre-opened streams this node holds for other peers before shedding (default 256).
+    pub max_preopened_inbound: Option<usize>,
+    /// Longest this node keeps a peer's pre-opened stream waiting (default 10000).
+    pub preopen_idle_max_ms: Option<u64>,
+    /// Lifetime of the 0-RTT resumption tickets this node issues (default 600000).
+    pub ticket_max_age_ms: Option<u64>,
 }
 
 /// `[auth]`.
@@ -117,6 +152,10 @@ pub struct RawService {
     /// Access policy (default: every overlay member may obtain `connect` tokens).
     #[serde(default)]
     pub policy: Option<Policy>,
+    /// Requests are idempotent: they may arrive in 0-RTT data (default false: early requests
+    /// wait for the handshake to complete).
+    #[serde(default)]
+    pub idempotent: bool,
 }
 
 /// `[[upstream]]`.
@@ -133,6 +172,9 @@ pub struct RawUpstream {
     /// File holding the API key (mode 0600).
     #[serde(default)]
     pub api_key_file: Option<PathBuf>,
+    /// Requests are idempotent: they may be sent in 0-RTT data (default false).
+    #[serde(default)]
+    pub idempotent: bool,
 }
 
 /// `[membership]`; defaults are memberlist's LAN values.
@@ -472,6 +514,23 @@ fn validate(file: &Path, raw: RawConfig) -> Result<DaemonConfig, ConfigError> {
     if !(10..=95).contains(&renew) {
         return Err(err("key `auth.renew_at_percent`: must be 10 to 95".into()));
     }
+    let mut idempotent = std::collections::BTreeSet::new();
+    for s in raw.service.iter().filter(|s| s.idempotent) {
+        idempotent.insert(s.name.clone());
+    }
+    for u in raw.upstream.iter().filter(|u| u.idempotent) {
+        idempotent.insert(u.service.clone());
+    }
+    let preauth = preauth_settings(file, &raw.preauth, idempotent)?;
+    let tls = overlay::tls::TlsSettings {
+        ticket_max_age: ms(
+            file,
+            "preauth.ticket_max_age_ms",
+            raw.preauth.ticket_max_age_ms,
+            overlay::tls::TlsSettings::default().ticket_max_age,
+        )?,
+        ..overlay::tls::TlsSettings::default()
+    };
     let state_dir = resolve(&raw.state_dir);
     let auth = AuthSettings {
         tokens: TokenSettings {
@@ -507,8 +566,76 @@ fn validate(file: &Path, raw: RawConfig) -> Result<DaemonConfig, ConfigError> {
             transport,
             seed: raw.seed.unwrap_or(0),
             auth,
+            preauth,
+            tls,
             ..NodeConfig::default()
         },
+    })
+}
+
+/// `[preauth]` → validated settings.
+fn preauth_settings(
+    file: &Path,
+    p: &RawPreauth,
+    idempotent: std::collections::BTreeSet<String>,
+) -> Result<PreauthSettings, ConfigError> {
+    use overlay::preauth::{Policy as PreauthPolicy, PreauthConfig};
+    let err = |msg: String| ConfigError {
+        file: file.to_owned(),
+        msg,
+    };
+    let d = PreauthConfig::default();
+    let policy = match p.policy.as_deref() {
+        None | Some("predictive") => PreauthPolicy::Predictive,
+        Some("recent") => PreauthPolicy::Recent,
+        Some("off") => PreauthPolicy::Off,
+        Some(other) => {
+            return Err(err(format!(
+                "key `preauth.policy`: {other:?} is not one of predictive, recent, off"
+            )))
+        }
+    };
+    let budget = p.budget.unwrap_or(d.budget);
+    if budget > 64 {
+        return Err(err("key `preauth.budget`: at most 64".into()));
+    }
+    let rate = p
+        .speculative_handshakes_per_second
+        .unwrap_or(d.speculative_handshakes_per_s);
+    if !(rate.is_finite() && rate >= 0.0) {
+        return Err(err(
+            "key `preauth.speculative_handshakes_per_second`: must be 0 or more".into(),
+        ));
+    }
+    let engine = PreauthConfig {
+        policy,
+        budget,
+        max_warm_connections: p.max_warm_connections.unwrap_or(d.max_warm_connections),
+        max_preopened_streams: p.max_preopened_streams.unwrap_or(d.max_preopened_streams),
+        speculative_handshakes_per_s: rate,
+        horizon: ms(file, "preauth.horizon_ms", p.horizon_ms, d.horizon)?,
+        entry_ttl: ms(file, "preauth.entry_ttl_ms", p.entry_ttl_ms, d.entry_ttl)?,
+        stream_deadline: ms(
+            file,
+            "preauth.stream_deadline_ms",
+            p.stream_deadline_ms,
+            d.stream_deadline,
+        )?,
+        zero_rtt: p.zero_rtt.unwrap_or(d.zero_rtt),
+        ..d
+    };
+    let sd = PreauthSettings::default();
+    Ok(PreauthSettings {
+        engine: p.enabled.unwrap_or(true).then_some(engine),
+        idempotent,
+        max_preopened_inbound: p.max_preopened_inbound.unwrap_or(sd.max_preopened_inbound),
+        preopen_idle_max: ms(
+            file,
+            "preauth.preopen_idle_max_ms",
+            p.preopen_idle_max_ms,
+            sd.preopen_idle_max,
+        )?,
+        ..sd
     })
 }
 

@@ -93,10 +93,17 @@ pub struct PreauthConfig {
     pub entry_ttl: Duration,
     /// A pre-opened stream unused this long is closed (and the far backend released). Default 5 s.
     pub stream_deadline: Duration,
-    /// Cost of holding a connection, in milliseconds of latency it must be expected to save.
-    /// Default 2.0.
-    pub connection_cost_ms: f64,
-    /// Extra cost of a pre-opened stream (a backend connection held on the far peer). Default 4.0.
+    /// What one handshake costs, ms: its CPU on both peers (FACTS: ~0.75 ms here). A warm
+    /// connection saves it when used, and wastes it when not. Default 0.75.
+    pub handshake_cost_ms: f64,
+    /// Cost of holding a warm connection until it is used or dropped (memory, keep-alives),
+    /// in ms-equivalents. Default 0.05.
+    pub hold_cost_ms: f64,
+    /// What a pre-opened stream saves beyond a warm connection when used (the far peer's
+    /// backend dial and stream set-up), ms. Default 0.3.
+    pub stream_gain_ms: f64,
+    /// Cost of holding a pre-opened stream (a backend connection held on the far peer), ms.
+    /// Default 0.1.
     pub stream_cost_ms: f64,
     /// RTT assumed for a path never measured. Default 20 ms.
     pub default_rtt: Duration,
@@ -119,8 +126,10 @@ impl Default for PreauthConfig {
             horizon: Duration::from_secs(2),
             entry_ttl: Duration::from_secs(30),
             stream_deadline: Duration::from_secs(5),
-            connection_cost_ms: 2.0,
-            stream_cost_ms: 4.0,
+            handshake_cost_ms: 0.75,
+            hold_cost_ms: 0.05,
+            stream_gain_ms: 0.3,
+            stream_cost_ms: 0.1,
             default_rtt: Duration::from_millis(20),
             max_clients: 1024,
             zero_rtt: true,
@@ -531,23 +540,26 @@ impl Engine {
             .unwrap_or(self.cfg.default_rtt)
             .as_secs_f64()
             * 1000.0;
-        // A warm connection saves the handshake round trip, and the token round trip too.
-        let rounds = if self.token_services.contains(service) {
-            2.0
-        } else {
-            1.0
-        };
-        let saved = p * rounds * rtt;
-        let conn_cost = self.cfg.connection_cost_ms * scale;
-        let stream_cost = conn_cost + self.cfg.stream_cost_ms * scale;
+        // Expected gain against expected cost, in ms. A warm connection saves, when used, the
+        // handshake's round trip (and the token's, for a service that needs one) and its CPU;
+        // unused, its handshake was wasted and it was held for nothing.
+        let needs_token = self.token_services.contains(service);
+        let rounds = if needs_token { 2.0 } else { 1.0 };
+        let hs = self.cfg.handshake_cost_ms;
+        let gain = p * (rounds * rtt + hs);
+        let cost = ((1.0 - p) * hs + self.cfg.hold_cost_ms) * scale;
         let soon = expected_in_ms <= self.cfg.stream_deadline.as_millis() as u64;
-        if saved >= stream_cost && soon && p >= 0.5 {
+        let stream_pays =
+            p * self.cfg.stream_gain_ms >= (1.0 - p) * self.cfg.stream_cost_ms * scale;
+        if gain >= cost && soon && p >= 0.5 && stream_pays {
             Some(Level::Stream)
-        } else if saved >= conn_cost {
+        } else if gain >= cost {
             Some(Level::Connection)
-        } else if self.token_services.contains(service) && p * rtt >= conn_cost / 4.0 {
+        } else if needs_token && p * rtt >= self.cfg.hold_cost_ms * scale {
+            // A token costs the issuer one signature and nothing to hold.
             Some(Level::Token)
-        } else if self.cfg.zero_rtt && p * rtt >= conn_cost / 8.0 {
+        } else if self.cfg.zero_rtt && p > 0.0 {
+            // A ticket costs nothing to hold (the session cache keeps it anyway).
             Some(Level::Ticket)
         } else {
             None
@@ -834,8 +846,15 @@ mod tests {
         let (mut e, _) = engine(Policy::Predictive, 3);
         e.handle_rtt("far", Duration::from_millis(200));
         e.handle_rtt("near", Duration::from_millis(1));
-        assert_eq!(e.level_for(1.0, "far", 0.1, 0), Some(Level::Connection));
-        assert_ne!(e.level_for(1.0, "near", 0.1, 0), Some(Level::Connection));
+        assert_eq!(
+            e.level_for(1.0, "far", 0.1, 10_000),
+            Some(Level::Connection)
+        );
+        assert_eq!(e.level_for(1.0, "near", 0.1, 10_000), Some(Level::Ticket));
+        // Wasted entries make the client's warm-ups dearer.
+        assert_eq!(e.level_for(8.0, "far", 0.02, 10_000), Some(Level::Ticket));
+        // Likely and soon: a pre-opened stream.
+        assert_eq!(e.level_for(1.0, "near", 0.9, 10), Some(Level::Stream));
     }
 
     #[test]
