@@ -734,6 +734,40 @@ listen = "127.0.0.1:9100"
     }
 
     #[test]
+    fn preauth_settings_parse_and_are_checked() {
+        let c = parse(Path::new("/etc/meshd/x.toml"), GOOD).unwrap();
+        let e = c.node.preauth.engine.as_ref().expect("on by default");
+        assert_eq!(e.policy, overlay::preauth::Policy::Predictive);
+        assert!(c.node.preauth.idempotent.is_empty(), "nothing is idempotent by default");
+        let text = format!(
+            "{}\n[preauth]\npolicy = \"recent\"\nbudget = 5\nstream_deadline_ms = 900\n",
+            GOOD.replace(
+                "backend = \"127.0.0.1:9000\"",
+                "backend = \"127.0.0.1:9000\"\nidempotent = true"
+            )
+        );
+        let c = parse(Path::new("/etc/meshd/x.toml"), &text).unwrap();
+        let e = c.node.preauth.engine.as_ref().unwrap();
+        assert_eq!((e.policy, e.budget), (overlay::preauth::Policy::Recent, 5));
+        assert_eq!(e.stream_deadline, Duration::from_millis(900));
+        assert!(c.node.preauth.idempotent.contains("echo"));
+        let off = parse(
+            Path::new("/etc/meshd/x.toml"),
+            &format!("{GOOD}\n[preauth]\nenabled = false\n"),
+        )
+        .unwrap();
+        assert!(off.node.preauth.engine.is_none());
+        let e = parse_err(&format!("{GOOD}\n[preauth]\npolicy = \"psychic\"\n"));
+        assert!(e.contains("preauth.policy"), "{e}");
+        let e = parse_err(&format!("{GOOD}\n[preauth]\nbudget = 1000\n"));
+        assert!(e.contains("preauth.budget"), "{e}");
+        let e = parse_err(&format!("{GOOD}\n[preauth]\nhorizon_ms = 0\n"));
+        assert!(e.contains("preauth.horizon_ms"), "{e}");
+        let e = parse_err(&format!("{GOOD}\n[preauth]\nwarp = 9\n"));
+        assert!(e.contains("warp"), "{e}");
+    }
+
+    #[test]
     fn missing_required_key_is_named() {
         let e = parse_err(&GOOD.replace("state_dir = \"state\"\n", ""));
         assert!(e.contains("state_dir"), "{e}");
