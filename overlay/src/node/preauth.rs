@@ -123,6 +123,9 @@ struct Slot {
 pub(super) struct Pool {
     pub(super) conns: HashMap<NodeId, DataConn>,
     slots: HashMap<(String, String), Slot>,
+    /// Per provider: when its tickets were last refreshed by a full handshake, and whether
+    /// 0-RTT still works with it (cleared when it rejects early data, e.g. after a restart).
+    tickets: HashMap<NodeId, (Instant, bool)>,
 }
 
 impl Pool {
@@ -305,7 +308,8 @@ async fn serve(
         pick_provider(inner, service).ok_or_else(|| ForwardError::NoProvider(service.into()))?;
     let early = is_idempotent(inner, service)
         && engine(inner).is_some_and(|e| e.config().zero_rtt)
-        && !inner.has_token_requirement(service);
+        && !inner.has_token_requirement(service)
+        && ticket_usable(inner, peer);
     let (conn, zero_rtt, pooled) = dial_data(inner, peer, early)
         .await
         .map_err(|source| ForwardError::Dial { peer, source })?;
@@ -326,6 +330,16 @@ async fn serve(
         peer,
         lease,
     })
+}
+
+/// Whether a 0-RTT attempt to `peer` is likely to be accepted: tickets from a full handshake
+/// younger than the ticket lifetime, and no rejection since.
+fn ticket_usable(inner: &Inner, peer: NodeId) -> bool {
+    let max_age = inner.tls_settings.ticket_max_age;
+    lock(&inner.pool)
+        .tickets
+        .get(&peer)
+        .is_some_and(|(at, ok)| *ok && at.elapsed() < max_age)
 }
 
 fn lease(inner: &Arc<Inner>, pool: &Pool, peer: NodeId) -> Lease {
@@ -438,7 +452,12 @@ async fn dial_data(
             let c = conn.clone();
             tokio::spawn(async move {
                 if !accepted.await {
+                    // Its tickets are gone (restart, expiry): no more early data to it until a
+                    // full handshake brings new ones. This request fails and is retried.
                     stats::inc(&inner2.stats.zero_rtt_rejected);
+                    if let Some(t) = lock(&inner2.pool).tickets.get_mut(&peer) {
+                        t.1 = false;
+                    }
                 }
                 match authenticate_peer(&c, &inner2.deny, now_unix()) {
                     Ok(info) if info.node_id == peer => {}
@@ -490,6 +509,10 @@ async fn dial_data(
         }
     };
     stats::inc(&inner.stats.connections_dialed);
+    // A full handshake: the server sends fresh tickets.
+    lock(&inner.pool)
+        .tickets
+        .insert(peer, (Instant::now(), true));
     let pooled = pool_insert(inner, peer, &conn);
     inner.register(conn.clone(), info, permit);
     Ok((conn, zero_rtt, pooled))
