@@ -720,7 +720,9 @@ async fn request(sim: Arc<Sim>, id: u64, p: Planned, hint: Vec<usize>) {
         attempts += 1;
         let wire_id = id << 8 | u64::from(attempt.min(255));
         let deadline = Instant::now() + Duration::from_millis(w.timeout_ms);
-        let attempt = attempt_once(&sim, &node, &app, service, wire_id, &mut served);
+        // The oracle learns the client's next services the moment this request is served.
+        let hint = (attempt == 0).then(|| hint.clone());
+        let attempt = attempt_once(&sim, &node, &app, service, wire_id, &mut served, hint);
         match timeout(Duration::from_millis(w.timeout_ms), attempt).await {
             Ok(Some(first_byte)) => {
                 answer = Some((first_byte, wire_id));
@@ -749,10 +751,7 @@ async fn request(sim: Arc<Sim>, id: u64, p: Planned, hint: Vec<usize>) {
         through_cut: false,
         rerouted: false,
     };
-    if sim.mode.wants_hints() {
-        let names = hint.iter().map(|&s| sim.services[s].clone()).collect();
-        node.preauth_hint(&app, names);
-    }
+
     if let Some((at, wire_id)) = answer {
         let server = lock(&sim.backends.served).remove(&wire_id);
         rec.outcome = if attempts > 1 {
@@ -780,9 +779,14 @@ async fn attempt_once(
     service: &str,
     wire_id: u64,
     served: &mut Option<Served>,
+    hint: Option<Vec<usize>>,
 ) -> Option<Instant> {
     let stream = sim.mode.open(node, app, service).await.ok()?;
     *served = Some(stream.served);
+    if let Some(hint) = hint.filter(|_| sim.mode.wants_hints()) {
+        let names = hint.iter().map(|&s| sim.services[s].clone()).collect();
+        node.preauth_hint(app, names);
+    }
     let (mut send, mut recv, lease) = (stream.send, stream.recv, stream.lease);
     let mut req = vec![0u8; sim.sc.services.request_bytes];
     req[..8].copy_from_slice(&wire_id.to_be_bytes());
