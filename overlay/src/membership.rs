@@ -82,6 +82,9 @@ pub enum MembershipEvent {
     Active,
     /// This node knows no live member.
     Idle,
+    /// This node was declared down by others and rejoined under a renewed identity (its
+    /// generation grew): what it announced before must be announced again.
+    Rejoin(PeerIdentity),
 }
 
 /// Why a membership packet was refused.
@@ -115,8 +118,22 @@ pub struct MembershipConfig {
     pub suspect_to_down: Duration,
     /// Largest packet foca may produce (must fit a QUIC datagram).
     pub max_packet_size: usize,
-    /// Expected cluster size (tunes gossip fan-out).
+    /// Expected cluster size (tunes how often an update is retransmitted).
     pub cluster_size_hint: u32,
+    /// foca's periodic gossip (period, members per round), on top of piggy-backing updates
+    /// on probes. Default off: each round goes to fresh random members, and over QUIC each
+    /// new member costs a connection (a handshake and ~125 KiB) — at 1,000 peers, 200 ms × 3
+    /// made every peer dial ~15 members a second. Probes and their acks carry the same
+    /// updates (SWIM's dissemination); see docs/BENCHMARKS.md "Membership" for the effect on
+    /// detection times.
+    pub periodic_gossip: Option<(Duration, usize)>,
+    /// Close a connection that only ever carried membership datagrams after this long
+    /// without any. Default 3 s (a probe and its indirect cycle take at most one probe
+    /// period). Zero keeps them until the QUIC idle timeout.
+    pub idle_connection_close: Duration,
+    /// Most membership-only connections kept open; past it the longest idle are closed
+    /// first. Default 64 (~8 MiB).
+    pub max_membership_connections: usize,
 }
 
 impl Default for MembershipConfig {
@@ -128,6 +145,9 @@ impl Default for MembershipConfig {
             suspect_to_down: Duration::from_secs(4),
             max_packet_size: 1100,
             cluster_size_hint: 32,
+            periodic_gossip: None,
+            idle_connection_close: Duration::from_secs(3),
+            max_membership_connections: 64,
         }
     }
 }
@@ -147,6 +167,12 @@ impl MembershipConfig {
             .max(NonZeroU8::new(4).unwrap_or(NonZeroU8::MIN));
         // Forget down members after a while so memory stays bounded under churn.
         c.remove_down_after = Some(Duration::from_secs(60));
+        c.periodic_gossip = self.periodic_gossip.and_then(|(frequency, n)| {
+            Some(foca::PeriodicParams {
+                frequency,
+                num_members: NonZeroUsize::new(n)?,
+            })
+        });
         c
     }
 }
@@ -291,6 +317,7 @@ impl Membership {
                 }
                 OwnedNotification::Active => MembershipEvent::Active,
                 OwnedNotification::Idle => MembershipEvent::Idle,
+                OwnedNotification::Rejoin(id) => MembershipEvent::Rejoin(id),
                 _ => continue,
             };
             self.events.push_back(ev);
