@@ -120,12 +120,13 @@ pub struct MembershipConfig {
     pub max_packet_size: usize,
     /// Expected cluster size (tunes how often an update is retransmitted).
     pub cluster_size_hint: u32,
-    /// foca's periodic gossip (period, members per round), on top of piggy-backing updates
-    /// on probes. Default off: each round goes to fresh random members, and over QUIC each
-    /// new member costs a connection (a handshake and ~125 KiB) — at 1,000 peers, 200 ms × 3
-    /// made every peer dial ~15 members a second. Probes and their acks carry the same
-    /// updates (SWIM's dissemination); see docs/BENCHMARKS.md "Membership" for the effect on
-    /// detection times.
+    /// foca's periodic gossip (period, members per round), on top of piggy-backing updates on
+    /// probes; foca sends it only while it has updates to spread. Default 200 ms × 3
+    /// (memberlist's LAN values). Each round goes to fresh random members, and over QUIC each
+    /// new member costs a connection (a handshake; closed again after
+    /// `idle_connection_close`): cheap in a quiet cluster, the main connection source during
+    /// a join storm. Measured at 100 peers (docs/BENCHMARKS.md "Membership"): off makes the
+    /// last peer see a crash 10.4 s after it instead of 5.5 s; 500 ms × 1 gives 7.7 s.
     pub periodic_gossip: Option<(Duration, usize)>,
     /// Close a connection that only ever carried membership datagrams after this long
     /// without any. Default 3 s (a probe and its indirect cycle take at most one probe
@@ -145,7 +146,7 @@ impl Default for MembershipConfig {
             suspect_to_down: Duration::from_secs(4),
             max_packet_size: 1100,
             cluster_size_hint: 32,
-            periodic_gossip: None,
+            periodic_gossip: Some((Duration::from_millis(200), 3)),
             idle_connection_close: Duration::from_secs(3),
             max_membership_connections: 64,
         }
