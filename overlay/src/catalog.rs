@@ -427,6 +427,68 @@ mod tests {
         assert!(c.entries().is_empty());
     }
 
+    fn signer(name: &str) -> signed::CatalogSigner {
+        use crate::identity::{generate_ca, NodeIdentity, Validity};
+        let now = time::OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+        let ca = generate_ca("t", Validity::days_from(now, 10).unwrap()).unwrap();
+        let id = NodeIdentity::issue(&ca, name, Validity::days_from(now, 10).unwrap()).unwrap();
+        signed::CatalogSigner::new(&id.key).unwrap()
+    }
+
+    fn verified(
+        s: &signed::CatalogSigner,
+        generation: u64,
+        seq: u64,
+        names: &[&str],
+    ) -> VerifiedCatalog {
+        let signed = s
+            .sign_snapshot(
+                CatalogVersion { generation, seq },
+                names.iter().map(|n| n.to_string()).collect(),
+            )
+            .unwrap();
+        signed::verify_snapshot(&signed).unwrap()
+    }
+
+    #[test]
+    fn signed_entries_wait_for_liveness_and_go_with_the_member() {
+        let a = signer("a");
+        let mut c = Catalog::new(id(0), 1);
+        // Pulled before the origin is known alive: held aside, not used, but handed on.
+        assert_eq!(
+            c.apply_verified(verified(&a, 1, 1, &["db"])),
+            Applied::Stored
+        );
+        assert!(c.providers("db").is_empty());
+        assert_eq!(c.signed_entries(&[], 10).len(), 1);
+        assert!(c.set_live(a.node_id(), 1));
+        assert_eq!(c.providers("db"), vec![a.node_id()]);
+        // Older or equal versions are stale; a newer one replaces.
+        assert_eq!(c.apply_verified(verified(&a, 1, 1, &["x"])), Applied::Stale);
+        assert_eq!(
+            c.apply_verified(verified(&a, 1, 2, &["web"])),
+            Applied::Changed
+        );
+        assert!(c.providers("db").is_empty());
+        // Declared down: everything it published goes.
+        assert!(c.set_down(a.node_id()));
+        assert!(c.providers("web").is_empty());
+        assert_eq!(c.version_of(a.node_id()), None);
+        // Back in a newer generation: a late copy of the old generation is not used.
+        c.apply_verified(verified(&a, 1, 2, &["web"]));
+        c.set_live(a.node_id(), 2);
+        assert!(c.providers("web").is_empty());
+        assert_eq!(
+            c.apply_verified(verified(&a, 1, 3, &["web"])),
+            Applied::Stale
+        );
+        assert_eq!(
+            c.apply_verified(verified(&a, 2, 0, &["api"])),
+            Applied::Changed
+        );
+        assert_eq!(c.providers("api"), vec![a.node_id()]);
+    }
+
     #[test]
     fn own_id_cannot_be_spoken_for() {
         let mut c = Catalog::new(id(0), 1);
