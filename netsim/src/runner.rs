@@ -232,6 +232,16 @@ impl Sim {
                 } else {
                     p.cluster_size_hint
                 },
+                periodic_gossip: match p.gossip_ms {
+                    None => MembershipConfig::default().periodic_gossip,
+                    Some(0) => None,
+                    Some(ms) => Some((Duration::from_millis(ms), p.gossip_members)),
+                },
+                idle_connection_close: if p.membership_idle_close_ms > 0 {
+                    Duration::from_millis(p.membership_idle_close_ms)
+                } else {
+                    MembershipConfig::default().idle_connection_close
+                },
                 ..MembershipConfig::default()
             },
             transport: TransportSettings {
@@ -239,6 +249,11 @@ impl Sim {
                 keep_alive: (p.keep_alive_ms > 0).then(|| Duration::from_millis(p.keep_alive_ms)),
                 initial_rtt: Duration::from_millis(p.initial_rtt_ms),
                 max_connections: p.max_connections,
+                max_streams_per_connection: if p.max_streams_per_connection > 0 {
+                    p.max_streams_per_connection
+                } else {
+                    TransportSettings::default().max_streams_per_connection
+                },
                 // Real time pays the real CPU: charging it again would count it twice.
                 handshake_cpu_delay: match self.sc.time {
                     TimeMode::Virtual => Duration::from_micros(p.handshake_cpu_us),

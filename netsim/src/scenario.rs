@@ -289,6 +289,15 @@ pub struct Peers {
     pub tls_client_sessions: usize,
     /// rustls server session cache entries (0 = overlay's default, 16384).
     pub tls_server_sessions: usize,
+    /// Concurrent bidirectional streams per connection (0 = overlay's default, 1024). quinn
+    /// allocates stream state for the whole window when a connection opens.
+    pub max_streams_per_connection: u32,
+    /// foca periodic gossip period, ms (unset = the overlay's default, 200; 0 = off).
+    pub gossip_ms: Option<u64>,
+    /// Members per periodic gossip round.
+    pub gossip_members: usize,
+    /// Close membership-only connections idle this long, ms (0 = overlay's default, 3000).
+    pub membership_idle_close_ms: u64,
 }
 
 impl Default for Peers {
@@ -308,6 +317,10 @@ impl Default for Peers {
             max_join_backoff_ms: 2000,
             tls_client_sessions: 0,
             tls_server_sessions: 0,
+            max_streams_per_connection: 0,
+            gossip_ms: None,
+            gossip_members: 3,
+            membership_idle_close_ms: 0,
         }
     }
 }

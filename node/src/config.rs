@@ -738,7 +738,10 @@ listen = "127.0.0.1:9100"
         let c = parse(Path::new("/etc/meshd/x.toml"), GOOD).unwrap();
         let e = c.node.preauth.engine.as_ref().expect("on by default");
         assert_eq!(e.policy, overlay::preauth::Policy::Predictive);
-        assert!(c.node.preauth.idempotent.is_empty(), "nothing is idempotent by default");
+        assert!(
+            c.node.preauth.idempotent.is_empty(),
+            "nothing is idempotent by default"
+        );
         let text = format!(
             "{}\n[preauth]\npolicy = \"recent\"\nbudget = 5\nstream_deadline_ms = 900\n",
             GOOD.replace(

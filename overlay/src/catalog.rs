@@ -1,8 +1,16 @@
 //! The service catalog: which peers publish which services. No I/O.
 //!
 //! Local services keep their backend address here and never send it anywhere; peers learn only
-//! names. A remote entry is keyed by the node id that mTLS authenticated for the connection the
-//! snapshot came on — never by a field the peer wrote — so a peer can only speak for itself.
+//! names. A remote entry is keyed by its *authenticated origin*: either the node that signed
+//! the snapshot with its node key ([`signed`], protocol 1.1: any member may hand it on), or —
+//! for the legacy unsigned `CatalogPush` — the node mTLS authenticated for the connection.
+//! Nobody can speak for another node.
+//!
+//! Entries of origins that are not (yet) live members are held aside, invisible, until the
+//! origin is seen alive ([`Catalog::set_live`]): a joining peer may pull the whole catalog
+//! before it knows every member. A member declared down loses its entries
+//! ([`Catalog::set_down`]); entries from an earlier generation of a member are dropped when
+//! it comes back in a newer one.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -10,7 +18,15 @@ use std::net::SocketAddr;
 use serde::Serialize;
 
 use crate::identity::{valid_name, NodeId, NodeIdStr};
-use crate::wire::{CatalogSnapshot, CatalogVersion, MAX_SERVICES_PER_PEER};
+use crate::wire::{CatalogSnapshot, CatalogVersion, SignedCatalog, MAX_SERVICES_PER_PEER};
+
+pub mod gossip;
+pub mod signed;
+
+use signed::{CatalogSigner, SignedError, VerifiedCatalog};
+
+/// Most remote origins held (live and held aside together); past it, new origins are refused.
+pub const MAX_ORIGINS: usize = 16 * 1024;
 
 /// Errors changing the local catalog.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -27,6 +43,26 @@ pub enum CatalogError {
     Full,
 }
 
+/// What applying a verified snapshot did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// Not newer than what is held (or our own, or from an older generation): ignored.
+    Stale,
+    /// Newer, and the visible services changed.
+    Changed,
+    /// Newer, same services (or the origin is not a live member yet: held aside).
+    Stored,
+    /// Refused: too many origins held.
+    Full,
+}
+
+impl Applied {
+    /// Whether the snapshot was new information (worth handing on).
+    pub fn is_new(self) -> bool {
+        matches!(self, Applied::Changed | Applied::Stored)
+    }
+}
+
 /// One row of the overlay-wide catalog.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ServiceEntry {
@@ -38,13 +74,26 @@ pub struct ServiceEntry {
     pub local: bool,
 }
 
+#[derive(Debug, Clone)]
+struct Remote {
+    version: CatalogVersion,
+    services: BTreeSet<String>,
+    /// The origin's signature, to hand the entry on (None: legacy unsigned push).
+    signed: Option<SignedCatalog>,
+}
+
 /// Local and remote service registrations.
 #[derive(Debug)]
 pub struct Catalog {
     me: NodeId,
     local: BTreeMap<String, SocketAddr>,
     version: CatalogVersion,
-    remote: HashMap<NodeId, (CatalogVersion, BTreeSet<String>)>,
+    own_signed: Option<SignedCatalog>,
+    remote: HashMap<NodeId, Remote>,
+    /// Verified entries of origins not known alive yet.
+    aside: HashMap<NodeId, Remote>,
+    /// Live members and the generation they run in.
+    live: HashMap<NodeId, u64>,
     by_service: BTreeMap<String, BTreeSet<NodeId>>,
 }
 
@@ -55,7 +104,10 @@ impl Catalog {
             me,
             local: BTreeMap::new(),
             version: CatalogVersion { generation, seq: 0 },
+            own_signed: None,
             remote: HashMap::new(),
+            aside: HashMap::new(),
+            live: HashMap::new(),
             by_service: BTreeMap::new(),
         }
     }
@@ -73,6 +125,7 @@ impl Catalog {
         }
         self.local.insert(name.to_owned(), backend);
         self.version.seq += 1;
+        self.own_signed = None;
         Ok(())
     }
 
@@ -81,8 +134,31 @@ impl Catalog {
         let existed = self.local.remove(name).is_some();
         if existed {
             self.version.seq += 1;
+            self.own_signed = None;
         }
         existed
+    }
+
+    /// Moves our version past everything sent so far: into `generation` if it is newer (a
+    /// rejoin under a renewed identity), else one step up. Others then take our next
+    /// snapshot even if they hold the previous one.
+    pub fn renew(&mut self, generation: u64) {
+        if generation > self.version.generation {
+            self.version = CatalogVersion { generation, seq: 0 };
+        } else {
+            self.version.seq += 1;
+        }
+        self.own_signed = None;
+    }
+
+    /// Our current version.
+    pub fn version(&self) -> CatalogVersion {
+        self.version
+    }
+
+    /// Whether we publish anything.
+    pub fn has_local(&self) -> bool {
+        !self.local.is_empty()
     }
 
     /// The backend of a local service.
@@ -98,46 +174,181 @@ impl Catalog {
         }
     }
 
-    /// Applies a snapshot received from authenticated node `from`; returns whether it changed
+    /// Our snapshot, signed (signed once per version and kept).
+    pub fn signed_own(&mut self, signer: &CatalogSigner) -> Result<SignedCatalog, SignedError> {
+        if let Some(s) = &self.own_signed {
+            return Ok(s.clone());
+        }
+        let s = signer.sign_snapshot(self.version, self.local.keys().cloned().collect())?;
+        self.own_signed = Some(s.clone());
+        Ok(s)
+    }
+
+    /// The version held for `origin` (visible or held aside).
+    pub fn version_of(&self, origin: NodeId) -> Option<CatalogVersion> {
+        self.remote
+            .get(&origin)
+            .or_else(|| self.aside.get(&origin))
+            .map(|r| r.version)
+    }
+
+    /// Applies a snapshot received from authenticated node `from` over a connection (legacy
+    /// unsigned push; the caller checked `from` is a live member); returns whether it changed
     /// anything. Older or equal versions are ignored.
     pub fn apply_remote(&mut self, from: NodeId, snap: CatalogSnapshot) -> bool {
         if from == self.me {
             return false;
         }
-        if let Some((v, _)) = self.remote.get(&from) {
-            if *v >= snap.version {
-                return false;
+        if self.version_of(from).is_some_and(|v| v >= snap.version) {
+            return false;
+        }
+        self.aside.remove(&from);
+        self.put_visible(
+            from,
+            Remote {
+                version: snap.version,
+                services: snap.services.into_iter().collect(),
+                signed: None,
+            },
+        )
+    }
+
+    /// Applies a snapshot whose origin signature was checked.
+    pub fn apply_verified(&mut self, v: VerifiedCatalog) -> Applied {
+        let origin = v.origin();
+        if origin == self.me {
+            return Applied::Stale;
+        }
+        let version = v.version();
+        if let Some(held) = self
+            .remote
+            .get_mut(&origin)
+            .or_else(|| self.aside.get_mut(&origin))
+        {
+            if held.version > version {
+                return Applied::Stale;
+            }
+            if held.version == version {
+                if held.signed.is_none() {
+                    // Same content, now with the origin's signature: we can hand it on.
+                    held.signed = Some(v.signed().clone());
+                }
+                return Applied::Stale;
+            }
+        } else if self.remote.len() + self.aside.len() >= MAX_ORIGINS {
+            return Applied::Full;
+        }
+        let entry = Remote {
+            version,
+            services: v.services().iter().cloned().collect(),
+            signed: Some(v.signed().clone()),
+        };
+        match self.live.get(&origin) {
+            Some(&g) if version.generation < g => Applied::Stale,
+            Some(_) => {
+                if self.put_visible(origin, entry) {
+                    Applied::Changed
+                } else {
+                    Applied::Stored
+                }
+            }
+            None => {
+                self.aside.insert(origin, entry);
+                Applied::Stored
             }
         }
-        let new: BTreeSet<String> = snap.services.into_iter().collect();
+    }
+
+    fn put_visible(&mut self, origin: NodeId, entry: Remote) -> bool {
+        let new = entry.services.clone();
         let old = self
             .remote
-            .insert(from, (snap.version, new.clone()))
-            .map(|(_, s)| s)
+            .insert(origin, entry)
+            .map(|r| r.services)
             .unwrap_or_default();
         for gone in old.difference(&new) {
-            self.unindex(gone, from);
+            self.unindex(gone, origin);
         }
         for added in new.difference(&old) {
             self.by_service
                 .entry(added.clone())
                 .or_default()
-                .insert(from);
+                .insert(origin);
         }
         old != new
     }
 
-    /// Removes everything node `from` published (it left or died); returns whether it had any.
+    /// `node` is a live member running generation `generation`: its entries held aside become
+    /// visible, and entries of its earlier generations are dropped. Returns whether the
+    /// visible catalog changed.
+    pub fn set_live(&mut self, node: NodeId, generation: u64) -> bool {
+        if node == self.me {
+            return false;
+        }
+        self.live.insert(node, generation);
+        let mut changed = false;
+        if self
+            .remote
+            .get(&node)
+            .is_some_and(|r| r.version.generation < generation)
+        {
+            changed |= self.remove_visible(node);
+        }
+        if let Some(entry) = self.aside.remove(&node) {
+            if entry.version.generation >= generation {
+                changed |= self.put_visible(node, entry);
+            }
+        }
+        changed
+    }
+
+    /// `node` was declared down or left: its entries are removed. Returns whether it had any
+    /// visible.
+    pub fn set_down(&mut self, node: NodeId) -> bool {
+        self.live.remove(&node);
+        self.remove_peer(node)
+    }
+
+    /// Removes everything node `from` published (it left, died or was revoked); returns
+    /// whether it had any.
     pub fn remove_peer(&mut self, from: NodeId) -> bool {
+        self.aside.remove(&from);
+        self.remove_visible(from)
+    }
+
+    fn remove_visible(&mut self, from: NodeId) -> bool {
         match self.remote.remove(&from) {
-            Some((_, services)) => {
-                for s in &services {
+            Some(r) => {
+                for s in &r.services {
                     self.unindex(s, from);
                 }
-                !services.is_empty()
+                !r.services.is_empty()
             }
             None => false,
         }
+    }
+
+    /// Signed entries to hand on: those of `origins` (all when empty), ours included when it
+    /// is signed and asked for. Capped at `max`.
+    pub fn signed_entries(&mut self, origins: &[NodeId], max: usize) -> Vec<SignedCatalog> {
+        let wanted = |n: &NodeId| origins.is_empty() || origins.contains(n);
+        let mut out = Vec::new();
+        if wanted(&self.me) && (self.has_local() || self.version.seq > 0) {
+            if let Some(s) = &self.own_signed {
+                out.push(s.clone());
+            }
+        }
+        let mut others: Vec<(&NodeId, &SignedCatalog)> = self
+            .remote
+            .iter()
+            .chain(self.aside.iter())
+            .filter(|(n, _)| wanted(n))
+            .filter_map(|(n, r)| r.signed.as_ref().map(|s| (n, s)))
+            .collect();
+        others.sort_by_key(|(n, _)| **n);
+        out.extend(others.into_iter().map(|(_, s)| s.clone()));
+        out.truncate(max);
+        out
     }
 
     fn unindex(&mut self, service: &str, node: NodeId) {
@@ -214,6 +425,68 @@ mod tests {
         assert!(c.remove_peer(id(1)));
         assert!(c.providers("c").is_empty());
         assert!(c.entries().is_empty());
+    }
+
+    fn signer(name: &str) -> signed::CatalogSigner {
+        use crate::identity::{generate_ca, NodeIdentity, Validity};
+        let now = time::OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+        let ca = generate_ca("t", Validity::days_from(now, 10).unwrap()).unwrap();
+        let id = NodeIdentity::issue(&ca, name, Validity::days_from(now, 10).unwrap()).unwrap();
+        signed::CatalogSigner::new(&id.key).unwrap()
+    }
+
+    fn verified(
+        s: &signed::CatalogSigner,
+        generation: u64,
+        seq: u64,
+        names: &[&str],
+    ) -> VerifiedCatalog {
+        let signed = s
+            .sign_snapshot(
+                CatalogVersion { generation, seq },
+                names.iter().map(|n| n.to_string()).collect(),
+            )
+            .unwrap();
+        signed::verify_snapshot(&signed).unwrap()
+    }
+
+    #[test]
+    fn signed_entries_wait_for_liveness_and_go_with_the_member() {
+        let a = signer("a");
+        let mut c = Catalog::new(id(0), 1);
+        // Pulled before the origin is known alive: held aside, not used, but handed on.
+        assert_eq!(
+            c.apply_verified(verified(&a, 1, 1, &["db"])),
+            Applied::Stored
+        );
+        assert!(c.providers("db").is_empty());
+        assert_eq!(c.signed_entries(&[], 10).len(), 1);
+        assert!(c.set_live(a.node_id(), 1));
+        assert_eq!(c.providers("db"), vec![a.node_id()]);
+        // Older or equal versions are stale; a newer one replaces.
+        assert_eq!(c.apply_verified(verified(&a, 1, 1, &["x"])), Applied::Stale);
+        assert_eq!(
+            c.apply_verified(verified(&a, 1, 2, &["web"])),
+            Applied::Changed
+        );
+        assert!(c.providers("db").is_empty());
+        // Declared down: everything it published goes.
+        assert!(c.set_down(a.node_id()));
+        assert!(c.providers("web").is_empty());
+        assert_eq!(c.version_of(a.node_id()), None);
+        // Back in a newer generation: a late copy of the old generation is not used.
+        c.apply_verified(verified(&a, 1, 2, &["web"]));
+        c.set_live(a.node_id(), 2);
+        assert!(c.providers("web").is_empty());
+        assert_eq!(
+            c.apply_verified(verified(&a, 1, 3, &["web"])),
+            Applied::Stale
+        );
+        assert_eq!(
+            c.apply_verified(verified(&a, 2, 0, &["api"])),
+            Applied::Changed
+        );
+        assert_eq!(c.providers("api"), vec![a.node_id()]);
     }
 
     #[test]

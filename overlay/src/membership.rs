@@ -82,6 +82,9 @@ pub enum MembershipEvent {
     Active,
     /// This node knows no live member.
     Idle,
+    /// This node was declared down by others and rejoined under a renewed identity (its
+    /// generation grew): what it announced before must be announced again.
+    Rejoin(PeerIdentity),
 }
 
 /// Why a membership packet was refused.
@@ -115,8 +118,23 @@ pub struct MembershipConfig {
     pub suspect_to_down: Duration,
     /// Largest packet foca may produce (must fit a QUIC datagram).
     pub max_packet_size: usize,
-    /// Expected cluster size (tunes gossip fan-out).
+    /// Expected cluster size (tunes how often an update is retransmitted).
     pub cluster_size_hint: u32,
+    /// foca's periodic gossip (period, members per round), on top of piggy-backing updates on
+    /// probes; foca sends it only while it has updates to spread. Default 200 ms × 3
+    /// (memberlist's LAN values). Each round goes to fresh random members, and over QUIC each
+    /// new member costs a connection (a handshake; closed again after
+    /// `idle_connection_close`): cheap in a quiet cluster, the main connection source during
+    /// a join storm. Measured at 100 peers (docs/BENCHMARKS.md "Membership"): off makes the
+    /// last peer see a crash 10.4 s after it instead of 5.5 s; 500 ms × 1 gives 7.7 s.
+    pub periodic_gossip: Option<(Duration, usize)>,
+    /// Close a connection that only ever carried membership datagrams after this long
+    /// without any. Default 3 s (a probe and its indirect cycle take at most one probe
+    /// period). Zero keeps them until the QUIC idle timeout.
+    pub idle_connection_close: Duration,
+    /// Most membership-only connections kept open; past it the longest idle are closed
+    /// first. Default 64 (~8 MiB).
+    pub max_membership_connections: usize,
 }
 
 impl Default for MembershipConfig {
@@ -128,6 +146,9 @@ impl Default for MembershipConfig {
             suspect_to_down: Duration::from_secs(4),
             max_packet_size: 1100,
             cluster_size_hint: 32,
+            periodic_gossip: Some((Duration::from_millis(200), 3)),
+            idle_connection_close: Duration::from_secs(3),
+            max_membership_connections: 64,
         }
     }
 }
@@ -147,6 +168,12 @@ impl MembershipConfig {
             .max(NonZeroU8::new(4).unwrap_or(NonZeroU8::MIN));
         // Forget down members after a while so memory stays bounded under churn.
         c.remove_down_after = Some(Duration::from_secs(60));
+        c.periodic_gossip = self.periodic_gossip.and_then(|(frequency, n)| {
+            Some(foca::PeriodicParams {
+                frequency,
+                num_members: NonZeroUsize::new(n)?,
+            })
+        });
         c
     }
 }
@@ -291,6 +318,7 @@ impl Membership {
                 }
                 OwnedNotification::Active => MembershipEvent::Active,
                 OwnedNotification::Idle => MembershipEvent::Idle,
+                OwnedNotification::Rejoin(id) => MembershipEvent::Rejoin(id),
                 _ => continue,
             };
             self.events.push_back(ev);

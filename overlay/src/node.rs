@@ -50,6 +50,7 @@ use crate::membership::{Membership, MembershipEvent, PeerIdentity, PeerState, Ti
 use crate::stats::{self, Stats};
 
 mod auth;
+mod catalog_sync;
 mod preauth;
 use crate::tls::{self, authenticate_peer, AuthError, DenySet};
 use crate::wire::{self, code, StreamHeader, StreamKind};
@@ -191,6 +192,7 @@ struct Inner {
     preauth_wake: tokio::sync::Notify,
     /// Request ids executed from 0-RTT data (replay protection).
     replay: Mutex<crate::preauth::ReplayWindow>,
+    catalog_sync: catalog_sync::State,
 }
 
 impl Inner {
@@ -349,6 +351,8 @@ impl Node {
             config.tls.ticket_max_age + Duration::from_secs(60),
             config.preauth.replay_window_entries,
         );
+        let catalog_sync = catalog_sync::State::new(&identity, config.membership.cluster_size_hint)
+            .map_err(|e| NodeError::Config(format!("catalog signing key: {e}")))?;
         let inner = Arc::new(Inner {
             info,
             me,
@@ -387,6 +391,7 @@ impl Node {
             pool: Mutex::new(preauth::Pool::default()),
             preauth_wake: tokio::sync::Notify::new(),
             replay: Mutex::new(replay),
+            catalog_sync,
         });
         let node = Node { inner };
         let span = tracing::info_span!("node", node = %node.inner.info.name);
@@ -414,7 +419,11 @@ impl Node {
                     .instrument(span.clone()),
             ),
             tokio::spawn(accept_loop(node.inner.clone()).instrument(span.clone())),
-            tokio::spawn(catalog_refresh(node.inner.clone()).instrument(span.clone())),
+            tokio::spawn(catalog_sync::refresh_loop(node.inner.clone()).instrument(span.clone())),
+            tokio::spawn(
+                membership_conn_reaper(node.inner.clone(), config.membership.clone())
+                    .instrument(span.clone()),
+            ),
             tokio::spawn(auth::housekeeping(node.inner.clone()).instrument(span.clone())),
             tokio::spawn(auth::renewal_loop(node.inner.clone()).instrument(span.clone())),
             tokio::spawn(preauth::timer_loop(node.inner.clone()).instrument(span.clone())),
@@ -435,6 +444,7 @@ impl Node {
             ));
         }
         lock(&node.inner.tasks).extend(tasks);
+        catalog_sync::on_start(&node.inner);
         info!(parent: &span, node_id = %node.inner.info.node_id, addr = %advertise, "peer started");
         Ok(node)
     }
@@ -919,6 +929,7 @@ fn handle_datagram(inner: &Arc<Inner>, info: &CertInfo, d: Bytes) {
                 debug!("membership queue full; datagram dropped");
             }
         }
+        Some(&wire::DATAGRAM_CATALOG) => catalog_sync::handle_gossip(inner, info, &d[1..]),
         other => {
             stats::inc(&inner.stats.membership_refused);
             debug!(kind = ?other, "unknown datagram kind ignored");
@@ -958,6 +969,15 @@ async fn handle_stream(
             return;
         }
     };
+    // Catalog exchange is never latency-critical: in early data it waits for the handshake,
+    // so a replayed first flight cannot make this peer verify and answer it.
+    if header.kind == StreamKind::CatalogSync && recv.is_0rtt() {
+        let mut confirmed = early.confirmed.clone();
+        if confirmed.wait_for(|v| *v).await.is_err() {
+            reset(&mut send, &mut recv, code::EARLY_DATA_REFUSED);
+            return;
+        }
+    }
     if let StreamKind::Forward { service }
     | StreamKind::ForwardAuth { service, .. }
     | StreamKind::Preopen { service, .. } = &header.kind
@@ -1053,6 +1073,7 @@ async fn handle_stream(
                 Err(_) => reset(&mut send, &mut recv, code::HEADER_TIMEOUT),
             }
         }
+        StreamKind::CatalogSync => catalog_sync::serve_sync(&inner, &peer, send, recv).await,
     }
 }
 
@@ -1299,58 +1320,6 @@ fn apply_catalog(inner: &Arc<Inner>, from: NodeId, snap: wire::CatalogSnapshot) 
     }
 }
 
-async fn pull_catalog(inner: &Arc<Inner>, node: NodeId) -> Result<(), String> {
-    let conn = inner.conn_to(node).await.map_err(|e| e.to_string())?;
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-    let header = wire::encode_header(&StreamHeader {
-        kind: StreamKind::CatalogPull,
-        request_id: inner.next_request_id.fetch_add(1, Ordering::Relaxed),
-    });
-    send.write_all(&header).await.map_err(|e| e.to_string())?;
-    let _ = send.finish();
-    let body = timeout(
-        inner.transport.header_timeout,
-        wire::io::read_frame(&mut recv),
-    )
-    .await
-    .map_err(|_| "timed out".to_string())?
-    .map_err(|e| e.to_string())?;
-    let snap = wire::decode_catalog(&body).map_err(|e| e.to_string())?;
-    apply_catalog(inner, node, snap);
-    Ok(())
-}
-
-async fn pull_catalog_with_retries(inner: Arc<Inner>, node: NodeId) {
-    let mut delay = Duration::from_millis(200);
-    for attempt in 0..4 {
-        match pull_catalog(&inner, node).await {
-            Ok(()) => return,
-            Err(e) => {
-                debug!(peer = %node.fmt_short(), attempt, error = %e, "catalog pull failed");
-                if !read(&inner.alive).contains_key(&node) {
-                    return;
-                }
-                tokio::time::sleep(delay).await;
-                delay *= 4;
-            }
-        }
-    }
-}
-
-async fn sync_catalog_with(inner: Arc<Inner>, node: NodeId) {
-    pull_catalog_with_retries(inner.clone(), node).await;
-    let frame = match wire::encode_frame(&read(&inner.catalog).snapshot()) {
-        Ok(f) => Arc::new(f),
-        Err(e) => {
-            warn!(error = %e, "catalog too large to announce");
-            return;
-        }
-    };
-    if let Err(e) = push_catalog(&inner, node, frame).await {
-        debug!(peer = %node.fmt_short(), error = %e, "catalog push failed");
-    }
-}
-
 async fn push_catalog(inner: &Arc<Inner>, node: NodeId, frame: Arc<Vec<u8>>) -> Result<(), String> {
     let conn = inner.conn_to(node).await.map_err(|e| e.to_string())?;
     let (mut send, _recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
@@ -1365,47 +1334,9 @@ async fn push_catalog(inner: &Arc<Inner>, node: NodeId, frame: Arc<Vec<u8>>) -> 
     Ok(())
 }
 
+/// Our services changed: gossip the new signed snapshot (no dial per member).
 fn push_catalog_to_all(inner: &Arc<Inner>) {
-    inner.catalog_version.send_modify(|v| *v += 1);
-    let snap = read(&inner.catalog).snapshot();
-    let frame = match wire::encode_frame(&snap) {
-        Ok(f) => Arc::new(f),
-        Err(e) => {
-            warn!(error = %e, "catalog too large to announce");
-            return;
-        }
-    };
-    let members: Vec<NodeId> = read(&inner.alive).keys().copied().collect();
-    for node in members {
-        let inner = inner.clone();
-        let frame = frame.clone();
-        tokio::spawn(async move {
-            if let Err(e) = push_catalog(&inner, node, frame).await {
-                // The periodic refresh and pull-on-up repair a lost push.
-                debug!(peer = %node.fmt_short(), error = %e, "catalog push failed");
-            }
-        });
-    }
-}
-
-/// Pulls one random member's catalog now and then, repairing lost pushes.
-async fn catalog_refresh(inner: Arc<Inner>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(15));
-    tick.tick().await;
-    loop {
-        tick.tick().await;
-        let members: Vec<NodeId> = read(&inner.alive).keys().copied().collect();
-        if members.is_empty() {
-            continue;
-        }
-        let mut sorted = members;
-        sorted.sort();
-        let i = lock(&inner.rng).random_range(0..sorted.len());
-        let node = sorted[i];
-        if let Err(e) = pull_catalog(&inner, node).await {
-            debug!(peer = %node.fmt_short(), error = %e, "catalog refresh failed");
-        }
-    }
+    catalog_sync::announce_own(inner);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1508,12 +1439,15 @@ fn drain_membership(
                 info!(peer = %p.node_id.fmt_short(), name = %p.name, addr = %p.addr, "member up");
                 auth::on_member_up(inner, p.node_id);
                 stats::inc(&inner.stats.members_up);
-                write(&inner.alive).insert(p.node_id, p.clone());
+                let first = {
+                    let mut alive = write(&inner.alive);
+                    alive.insert(p.node_id, p.clone());
+                    alive.len() == 1
+                };
                 changed = true;
-                // Pull theirs and push ours: whichever side saw the other first, both end
-                // up with the latest snapshot (a push that raced ahead of our own "up" was
-                // ignored, and their pull may predate our last change).
-                tokio::spawn(sync_catalog_with(inner.clone(), p.node_id));
+                // No catalog dial per member: entries are signed by their origin and spread
+                // by gossip; only the first member (a join) is asked for the whole catalog.
+                catalog_sync::on_member_up(inner, &p, first);
             }
             MembershipEvent::Down(p) => {
                 info!(peer = %p.node_id.fmt_short(), name = %p.name, "member down");
@@ -1528,9 +1462,14 @@ fn drain_membership(
                 if let Some((conn, _)) = lock(&inner.conns).remove(&p.node_id) {
                     conn.close(VarInt::from_u32(code::OK), b"member down");
                 }
-                if write(&inner.catalog).remove_peer(p.node_id) {
-                    inner.catalog_version.send_modify(|v| *v += 1);
-                }
+                catalog_sync::on_member_down(inner, p.node_id);
+            }
+            MembershipEvent::Rejoin(me) => {
+                info!(
+                    generation = me.generation,
+                    "declared down by others; rejoined"
+                );
+                catalog_sync::on_rejoin(inner, &me);
             }
             MembershipEvent::Active => debug!("joined a cluster"),
             MembershipEvent::Idle => debug!("no live members"),
@@ -1554,6 +1493,7 @@ fn send_membership(inner: &Arc<Inner>, to: PeerIdentity, data: Bytes) {
                 debug!(peer = %to.node_id.fmt_short(), error = %e, "membership datagram not sent")
             }
         }
+        catalog_sync::piggyback(inner, &conn);
         return;
     }
     if inner.shutting_down.load(Ordering::Relaxed) || to.node_id == inner.info.node_id {
@@ -1566,10 +1506,70 @@ fn send_membership(inner: &Arc<Inner>, to: PeerIdentity, data: Bytes) {
                 if conn.send_datagram(datagram).is_ok() {
                     stats::inc(&inner.stats.membership_datagrams_sent);
                 }
+                catalog_sync::piggyback(&inner, &conn);
             }
             Err(e) => debug!(peer = %to.node_id.fmt_short(), error = %e, "membership dial failed"),
         }
     });
+}
+
+/// Closes connections that only ever carried membership datagrams once they have been idle
+/// for `idle_connection_close`, and the longest idle ones past `max_membership_connections`.
+///
+/// SWIM probes a random member each period, so without this every pair of peers would keep a
+/// connection until the QUIC idle timeout (~125 KiB each). A connection that ever carried a
+/// stream (forwarding, catalog, auth) is left to the QUIC idle timeout, and so is one that never
+/// carried a datagram or belongs to the pre-authentication pool (warm data connections).
+async fn membership_conn_reaper(inner: Arc<Inner>, cfg: crate::membership::MembershipConfig) {
+    if cfg.idle_connection_close.is_zero() {
+        return;
+    }
+    let period = (cfg.idle_connection_close / 3).max(Duration::from_millis(100));
+    let mut tick = tokio::time::interval(period);
+    // stable id -> (datagram frames seen, when that count last moved)
+    let mut seen: HashMap<usize, (u64, Instant)> = HashMap::new();
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        let conns: Vec<(usize, quinn::Connection)> = lock(&inner.all_conns)
+            .iter()
+            .map(|(id, (c, _))| (*id, c.clone()))
+            .collect();
+        let pooled = lock(&inner.pool).conn_ids();
+        let mut idle: Vec<(Instant, usize, quinn::Connection)> = Vec::new();
+        let mut live_ids = std::collections::HashSet::with_capacity(conns.len());
+        for (id, conn) in conns {
+            live_ids.insert(id);
+            let st = conn.stats();
+            let count = st.frame_tx.datagram + st.frame_rx.datagram;
+            // A connection that never carried a datagram is not a membership connection: a
+            // warm data connection of pre-authentication (kept until its entry expires, on
+            // both sides) or one just opened. Pooled data connections are ours to manage.
+            if st.frame_tx.stream > 0
+                || st.frame_rx.stream > 0
+                || count == 0
+                || pooled.contains(&id)
+            {
+                seen.remove(&id);
+                continue;
+            }
+            let e = seen.entry(id).or_insert((count, now));
+            if e.0 != count {
+                *e = (count, now);
+            }
+            idle.push((e.1, id, conn));
+        }
+        seen.retain(|id, _| live_ids.contains(id));
+        idle.sort_by_key(|(since, id, _)| (*since, *id));
+        let over = idle.len().saturating_sub(cfg.max_membership_connections);
+        for (k, (since, id, conn)) in idle.into_iter().enumerate() {
+            if k < over || now.duration_since(since) >= cfg.idle_connection_close {
+                conn.close(VarInt::from_u32(code::OK), b"idle");
+                stats::inc(&inner.stats.membership_conns_closed);
+                seen.remove(&id);
+            }
+        }
+    }
 }
 
 /// Joins through the bootstrap addresses, retrying with exponential backoff and jitter until

@@ -77,6 +77,18 @@ stats! {
     membership_datagrams_received => "meshd_membership_datagrams_received_total", "Membership datagrams received", counter;
     /// Catalog snapshots applied.
     catalog_updates => "meshd_catalog_updates_total", "Catalog snapshots applied", counter;
+    /// Catalog gossip datagrams sent.
+    catalog_gossip_sent => "meshd_catalog_gossip_sent_total", "Catalog gossip datagrams sent", counter;
+    /// Catalog gossip datagrams received.
+    catalog_gossip_received => "meshd_catalog_gossip_received_total", "Catalog gossip datagrams received", counter;
+    /// Catalog entries, gossip or requests refused (bad signature, malformed, over a limit).
+    catalog_refused => "meshd_catalog_refused_total", "Catalog entries or messages refused", counter;
+    /// Catalog pulls completed (join, repair, hint).
+    catalog_pulls => "meshd_catalog_pulls_total", "Catalog pulls completed", counter;
+    /// Catalog pulls served to peers.
+    catalog_served => "meshd_catalog_served_total", "Catalog pulls served", counter;
+    /// Membership-only connections closed when idle.
+    membership_conns_closed => "meshd_membership_connections_closed_total", "Idle membership-only connections closed", counter;
     /// Audit events recorded (every kind).
     audit_events => "meshd_audit_events_total", "Audit events recorded", counter;
     /// Successful authentications (API key or token accepted).

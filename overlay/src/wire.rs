@@ -7,7 +7,8 @@
 //! ```text
 //! stream header: version:u8 (=1) | len:u16 BE (<= 1024) | postcard(StreamHeader)
 //! frame:         len:u32 BE (<= 65536) | postcard(message)
-//! datagram:      kind:u8 | payload          (kind 1 = SWIM membership, foca postcard codec)
+//! datagram:      kind:u8 | payload          (kind 1 = SWIM membership, foca postcard codec,
+//!                                            kind 2 = catalog gossip: (len:u16 BE | item)*)
 //! ```
 
 use serde::{Deserialize, Serialize};
@@ -24,6 +25,8 @@ pub const MAX_FRAME_LEN: usize = 64 * 1024;
 pub const MAX_SERVICES_PER_PEER: usize = 1024;
 /// Datagram kind: SWIM membership packet.
 pub const DATAGRAM_MEMBERSHIP: u8 = 1;
+/// Datagram kind: catalog gossip (signed snapshots and version hints).
+pub const DATAGRAM_CATALOG: u8 = 2;
 
 /// QUIC application error codes (stream resets and connection closes).
 pub mod code {
@@ -156,6 +159,9 @@ pub enum StreamKind {
         /// Token for the service, when its policy requires one.
         token: Option<String>,
     },
+    /// Signed catalog exchange: one [`CatalogRequest`] frame follows; the peer answers with
+    /// zero or more [`CatalogBatch`] frames and FIN.
+    CatalogSync,
 }
 
 /// The byte a receiver sends on a [`StreamKind::Preopen`] stream once its backend is dialled.
@@ -499,6 +505,184 @@ pub fn decode_catalog(body: &[u8]) -> Result<CatalogSnapshot, WireError> {
     Ok(snap)
 }
 
+// ---------------------------------------------------------------------------------------------
+// Signed catalogs (protocol 1.1, docs/PROTOCOL.md §2.8 and §3.2)
+
+/// Longest signed body (a snapshot of [`MAX_SERVICES_PER_PEER`] names must fit a frame).
+pub const MAX_SIGNED_BODY_LEN: usize = 60 * 1024;
+/// Most origins a [`CatalogRequest`] may name.
+pub const MAX_REQUEST_ORIGINS: usize = 256;
+/// Most entries in one [`CatalogBatch`] frame.
+pub const MAX_BATCH_ENTRIES: usize = 1024;
+/// Most entries a whole `CatalogSync` answer may carry (the reader counts).
+pub const MAX_SYNC_ENTRIES: usize = 16 * 1024;
+/// Largest gossip item (one fits a QUIC datagram with room to spare).
+pub const MAX_GOSSIP_ITEM_LEN: usize = 1100;
+/// Most items in one catalog gossip datagram.
+pub const MAX_GOSSIP_ITEMS: usize = 16;
+
+/// A body signed by an origin's node key (Ed25519). What the body is depends on where it is
+/// carried: a snapshot body (`postcard(CatalogBody)`) or a hint body (`postcard(CatalogHint)`),
+/// each under its own signature context (see [`crate::catalog::signed`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedCatalog {
+    /// The origin's Ed25519 public key; SHA-256 of its SubjectPublicKeyInfo gives the node id.
+    pub key: [u8; 32],
+    /// The signed bytes, at most [`MAX_SIGNED_BODY_LEN`].
+    pub body: Vec<u8>,
+    /// Ed25519 signature, 64 bytes.
+    pub signature: Vec<u8>,
+}
+
+impl SignedCatalog {
+    fn check_sizes(&self) -> Result<(), WireError> {
+        if self.body.len() > MAX_SIGNED_BODY_LEN || self.signature.len() != 64 {
+            return Err(WireError::Malformed("bad signed catalog sizes".into()));
+        }
+        Ok(())
+    }
+}
+
+/// What a signed snapshot says: one origin's services at one version.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CatalogBody {
+    /// The origin (must be the hash of the signing key).
+    pub node_id: crate::identity::NodeId,
+    /// Version; newer (generation, seq) wins.
+    pub version: CatalogVersion,
+    /// Service names, sorted, unique, at most [`MAX_SERVICES_PER_PEER`].
+    pub services: Vec<String>,
+}
+
+/// What a signed hint says: the origin has a catalog at this version (too large to gossip).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CatalogHint {
+    /// The origin.
+    pub node_id: crate::identity::NodeId,
+    /// Its current version.
+    pub version: CatalogVersion,
+}
+
+/// `CatalogSync` request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CatalogRequest {
+    /// Origins wanted; empty means every origin the peer holds (its own included).
+    pub origins: Vec<crate::identity::NodeId>,
+    /// The requester's own signed snapshot, if it has one to announce (a join).
+    pub mine: Option<SignedCatalog>,
+}
+
+/// One frame of a `CatalogSync` answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CatalogBatch {
+    /// Signed snapshots, at most [`MAX_BATCH_ENTRIES`].
+    pub entries: Vec<SignedCatalog>,
+}
+
+/// One catalog gossip item.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GossipItem {
+    /// A whole signed snapshot (small catalogs).
+    Snapshot(SignedCatalog),
+    /// A signed [`CatalogHint`]: pull the origin's snapshot (large catalogs).
+    Hint(SignedCatalog),
+}
+
+/// Decodes a `CatalogRequest` frame body.
+pub fn decode_catalog_request(body: &[u8]) -> Result<CatalogRequest, WireError> {
+    let r: CatalogRequest = decode_exact(body)?;
+    if r.origins.len() > MAX_REQUEST_ORIGINS {
+        return Err(WireError::Malformed("too many origins".into()));
+    }
+    if let Some(m) = &r.mine {
+        m.check_sizes()?;
+    }
+    Ok(r)
+}
+
+/// Decodes a `CatalogBatch` frame body (signatures are checked by the receiver).
+pub fn decode_catalog_batch(body: &[u8]) -> Result<CatalogBatch, WireError> {
+    let b: CatalogBatch = decode_exact(body)?;
+    if b.entries.len() > MAX_BATCH_ENTRIES {
+        return Err(WireError::Malformed("too many entries".into()));
+    }
+    for e in &b.entries {
+        e.check_sizes()?;
+    }
+    Ok(b)
+}
+
+/// Decodes a signed snapshot body (after its signature was checked, or to look at its version
+/// before spending a signature check on it).
+pub fn decode_catalog_body(body: &[u8]) -> Result<CatalogBody, WireError> {
+    let b: CatalogBody = decode_exact(body)?;
+    if b.services.len() > MAX_SERVICES_PER_PEER {
+        return Err(WireError::Malformed("too many services".into()));
+    }
+    if b.services.iter().any(|s| !valid_name(s)) {
+        return Err(WireError::Malformed("invalid service name".into()));
+    }
+    if b.services.windows(2).any(|w| w[0] >= w[1]) {
+        return Err(WireError::Malformed(
+            "services not sorted and unique".into(),
+        ));
+    }
+    Ok(b)
+}
+
+/// Decodes a signed hint body.
+pub fn decode_catalog_hint(body: &[u8]) -> Result<CatalogHint, WireError> {
+    decode_exact(body)
+}
+
+/// Encodes a catalog gossip datagram payload (after the kind byte) from encoded items.
+pub fn encode_gossip_items<'a>(items: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for it in items {
+        debug_assert!(!it.is_empty() && it.len() <= MAX_GOSSIP_ITEM_LEN);
+        out.extend_from_slice(&(it.len() as u16).to_be_bytes());
+        out.extend_from_slice(it);
+    }
+    out
+}
+
+/// Encodes one gossip item; `None` when it is over [`MAX_GOSSIP_ITEM_LEN`].
+pub fn encode_gossip_item(item: &GossipItem) -> Option<Vec<u8>> {
+    let b = postcard::to_allocvec(item).ok()?;
+    (!b.is_empty() && b.len() <= MAX_GOSSIP_ITEM_LEN).then_some(b)
+}
+
+/// Decodes a catalog gossip datagram payload (after the kind byte). Lengths are checked before
+/// anything is allocated; signatures are checked by the receiver.
+pub fn decode_gossip(mut payload: &[u8]) -> Result<Vec<GossipItem>, WireError> {
+    let mut out = Vec::new();
+    while !payload.is_empty() {
+        if out.len() == MAX_GOSSIP_ITEMS {
+            return Err(WireError::Malformed("too many gossip items".into()));
+        }
+        let [a, b, rest @ ..] = payload else {
+            return Err(WireError::Malformed("truncated gossip item".into()));
+        };
+        let len = usize::from(u16::from_be_bytes([*a, *b]));
+        if len == 0 || len > MAX_GOSSIP_ITEM_LEN {
+            return Err(WireError::TooLarge {
+                len,
+                max: MAX_GOSSIP_ITEM_LEN,
+            });
+        }
+        if rest.len() < len {
+            return Err(WireError::Malformed("truncated gossip item".into()));
+        }
+        let item: GossipItem = decode_exact(&rest[..len])?;
+        match &item {
+            GossipItem::Snapshot(s) | GossipItem::Hint(s) => s.check_sizes()?,
+        }
+        out.push(item);
+        payload = &rest[len..];
+    }
+    Ok(out)
+}
+
 /// Async helpers: read and write headers and frames on QUIC streams.
 pub mod io {
     use super::*;
@@ -663,6 +847,76 @@ mod tests {
         assert_eq!(b[3], 5);
     }
 
+    #[test]
+    fn catalog_sync_is_appended_and_gossip_round_trips() {
+        let b = encode_header(&StreamHeader {
+            kind: StreamKind::CatalogSync,
+            request_id: 1,
+        });
+        assert_eq!(b[3], 8, "new stream kinds are appended (after Preopen = 7)");
+        let b = encode_header(&StreamHeader {
+            kind: StreamKind::Preopen {
+                service: "s".into(),
+                token: None,
+            },
+            request_id: 1,
+        });
+        assert_eq!(b[3], 7);
+        let signed = SignedCatalog {
+            key: [7; 32],
+            body: vec![1, 2, 3],
+            signature: vec![9; 64],
+        };
+        let items = [
+            GossipItem::Snapshot(signed.clone()),
+            GossipItem::Hint(signed.clone()),
+        ];
+        let enc: Vec<Vec<u8>> = items
+            .iter()
+            .map(|i| encode_gossip_item(i).unwrap())
+            .collect();
+        let payload = encode_gossip_items(enc.iter().map(|v| v.as_slice()));
+        assert_eq!(decode_gossip(&payload).unwrap(), items);
+        // Truncated, zero-length and oversize items are refused before allocating.
+        assert!(decode_gossip(&payload[..payload.len() - 1]).is_err());
+        assert!(decode_gossip(&[0, 0]).is_err());
+        assert!(matches!(
+            decode_gossip(&[0xff, 0xff, 0]),
+            Err(WireError::TooLarge { .. })
+        ));
+        // A signature of the wrong length is refused on decode.
+        let bad = GossipItem::Snapshot(SignedCatalog {
+            signature: vec![0; 10],
+            ..signed.clone()
+        });
+        let e = encode_gossip_item(&bad).unwrap();
+        assert!(decode_gossip(&encode_gossip_items([e.as_slice()])).is_err());
+        let too_many = vec![enc[0].as_slice(); MAX_GOSSIP_ITEMS + 1];
+        assert!(decode_gossip(&encode_gossip_items(too_many)).is_err());
+        // Requests and batches round trip; limits hold.
+        let req = CatalogRequest {
+            origins: vec![],
+            mine: Some(signed.clone()),
+        };
+        assert_eq!(
+            decode_catalog_request(&encode_frame(&req).unwrap()[4..]).unwrap(),
+            req
+        );
+        let batch = CatalogBatch {
+            entries: vec![signed; 3],
+        };
+        assert_eq!(
+            decode_catalog_batch(&encode_frame(&batch).unwrap()[4..]).unwrap(),
+            batch
+        );
+        let unsorted = CatalogBody {
+            node_id: crate::identity::NodeId::from_spki(&[1]),
+            version: CatalogVersion::default(),
+            services: vec!["b".into(), "a".into()],
+        };
+        assert!(decode_catalog_body(&postcard::to_allocvec(&unsorted).unwrap()).is_err());
+    }
+
     proptest! {
         #[test]
         fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
@@ -673,6 +927,11 @@ mod tests {
             let _ = decode_discover_request(&bytes);
             let _ = decode_discover_reply(&bytes);
             let _ = decode_revocations(&bytes);
+            let _ = decode_catalog_request(&bytes);
+            let _ = decode_catalog_batch(&bytes);
+            let _ = decode_catalog_body(&bytes);
+            let _ = decode_catalog_hint(&bytes);
+            let _ = decode_gossip(&bytes);
             if bytes.len() >= 3 {
                 let _ = decode_header_prefix([bytes[0], bytes[1], bytes[2]]);
             }

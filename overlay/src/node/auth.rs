@@ -1056,7 +1056,8 @@ pub(super) fn on_member_up(inner: &Arc<Inner>, id: NodeId) {
 // Catalog push that waits (deregistration reports who was not told)
 
 async fn push_catalog_to_all_and_wait(inner: &Arc<Inner>) -> Vec<(NodeId, String)> {
-    inner.catalog_version.send_modify(|v| *v += 1);
+    // Gossip the signed snapshot too: only signed entries are handed on to joiners.
+    super::catalog_sync::announce_own(inner);
     let snap = read(&inner.catalog).snapshot();
     let frame = match wire::encode_frame(&snap) {
         Ok(f) => Arc::new(f),
