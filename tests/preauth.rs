@@ -421,3 +421,49 @@ async fn budget_caps_hold_under_a_client_that_requests_everything() {
     }
     assert_eq!(backend.requests().len(), 36);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn predicted_request_to_a_token_service_finds_its_token_ready() {
+    let backend = Backend::start().await;
+    let (p, c) = pair(
+        Net::Loopback,
+        &backend,
+        &["secure"],
+        |cfg| {
+            let policy = overlay::auth::policy::Policy {
+                require_token: true,
+                ..Default::default()
+            };
+            cfg.auth.service_policies.insert("secure".into(), policy);
+        },
+        |cfg| cfg.preauth.engine = Some(engine(Policy::Predictive, 2)),
+    )
+    .await;
+    // Without a key the service refuses the stream.
+    assert!(ask(&c, "app", "secure", b"no key").await.is_err());
+    let (_, key) = p.create_api_key("secure").await.unwrap();
+    c.set_upstream_key("secure", key);
+    assert!(ask(&c, "app", "secure", b"first").await.is_ok());
+    wait_until("a warm path with its token", BOUND, || {
+        pool(&c, "warm_connections") >= 1 && c.stats().snapshot().preauth_tokens_prefetched >= 1
+    })
+    .await;
+    let issued = p.stats().snapshot().tokens_issued;
+    let hs = c.stats().snapshot().handshakes;
+    for i in 0..3 {
+        let served = ask(&c, "app", "secure", format!("warm {i}").as_bytes())
+            .await
+            .unwrap();
+        assert!(
+            matches!(served, Served::Stream | Served::Connection),
+            "{served:?}"
+        );
+    }
+    assert_eq!(
+        p.stats().snapshot().tokens_issued,
+        issued,
+        "no token round trip"
+    );
+    assert_eq!(c.stats().snapshot().handshakes, hs, "no handshake");
+    assert_eq!(backend.requests().len(), 4);
+}

@@ -104,6 +104,7 @@ impl Mode {
                 policy: Policy::Off,
                 budget: 0,
                 zero_rtt: false,
+                cache_tokens: false,
                 ..base
             }),
             Mode::Pool => Some(PreauthConfig {

@@ -284,6 +284,25 @@ impl Sim {
             }),
             ..NodeConfig::default()
         };
+        if self.sc.services.require_token {
+            let policy = overlay::auth::policy::Policy {
+                require_token: true,
+                ..Default::default()
+            };
+            for s in &cfg.services {
+                cfg.auth
+                    .service_policies
+                    .insert(s.name.clone(), policy.clone());
+            }
+            // The simulated clients are a few peers standing for many callers: the per-caller
+            // token limits would throttle the no-caching baseline, not measure it.
+            let wide = overlay::auth::limits::Rate {
+                per_second: 1_000_000,
+                burst: 1_000_000,
+            };
+            cfg.auth.limits.per_caller_service = wide;
+            cfg.auth.limits.per_service = wide;
+        }
         self.mode
             .configure(&self.sc.preauth, &self.services, &mut cfg);
         cfg
@@ -434,6 +453,9 @@ async fn simulate(
             let node = sim.start_peer(i).await?;
             lock(&watchers).push(tokio::spawn(watch_convergence(sim.clone(), i, node)));
         }
+        if sc.services.require_token {
+            provision_keys(&sim).await;
+        }
         sleep_until(end).await;
         let _ = workload_task.await;
         Ok::<(), RunError>(())
@@ -566,6 +588,27 @@ async fn simulate(
         },
     };
     Ok((facts, records))
+}
+
+/// Gives every client peer an API key for every service, from the service's first provider.
+async fn provision_keys(sim: &Arc<Sim>) {
+    let clients = sim.sc.clients();
+    for (k, peers) in sim.placement.iter().enumerate() {
+        let name = &sim.services[k];
+        let Some(provider) = peers.first().and_then(|&p| sim.node(p)) else {
+            continue;
+        };
+        match provider.create_api_key(name).await {
+            Ok((_, key)) => {
+                for &c in &clients {
+                    if let Some(node) = sim.node(c) {
+                        node.set_upstream_key(name, key.clone());
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(service = %name, error = %e, "no API key"),
+        }
+    }
 }
 
 /// Records when peer `i` first sees every other peer alive, and (clients) every service.

@@ -342,6 +342,10 @@ pub struct Services {
     pub response_bytes: usize,
     /// Backend think time before answering, ms.
     pub service_time_ms: f64,
+    /// Every service requires a token (policy `require_token`): each client peer gets an API
+    /// key from each service's first provider, and exchanges it for tokens. Use with one
+    /// provider per service (a key is only known to the provider that issued it).
+    pub require_token: bool,
 }
 
 impl Default for Services {
@@ -353,6 +357,7 @@ impl Default for Services {
             request_bytes: 64,
             response_bytes: 256,
             service_time_ms: 0.0,
+            require_token: false,
         }
     }
 }

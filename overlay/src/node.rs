@@ -193,12 +193,19 @@ struct Inner {
     /// Request ids executed from 0-RTT data (replay protection).
     replay: Mutex<crate::preauth::ReplayWindow>,
     catalog_sync: catalog_sync::State,
+    /// API keys for services reached with tokens (from the config; settable at runtime).
+    upstream_keys: RwLock<std::collections::BTreeMap<String, crate::auth::secret::SecretString>>,
 }
 
 impl Inner {
     /// Whether forwarding to `service` needs a token (an upstream API key is configured).
     fn has_token_requirement(&self, service: &str) -> bool {
-        self.auth_settings.upstream_keys.contains_key(service)
+        read(&self.upstream_keys).contains_key(service)
+    }
+
+    /// The API key configured for `service`, if any.
+    fn upstream_key(&self, service: &str) -> Option<crate::auth::secret::SecretString> {
+        read(&self.upstream_keys).get(service).cloned()
     }
 }
 
@@ -392,6 +399,7 @@ impl Node {
             preauth_wake: tokio::sync::Notify::new(),
             replay: Mutex::new(replay),
             catalog_sync,
+            upstream_keys: RwLock::new(config.auth.upstream_keys.clone()),
         });
         let node = Node { inner };
         let span = tracing::info_span!("node", node = %node.inner.info.name);
@@ -467,6 +475,15 @@ impl Node {
     /// Bound addresses of the upstream listeners, by service.
     pub fn upstream_addrs(&self) -> Vec<(String, SocketAddr)> {
         lock(&self.inner.upstreams).clone()
+    }
+
+    /// Sets (or replaces) the API key this node uses to obtain tokens for `service`; forwarding
+    /// to it then carries a token, fetched ahead by pre-authentication.
+    pub fn set_upstream_key(&self, service: &str, key: crate::auth::secret::SecretString) {
+        write(&self.inner.upstream_keys).insert(service.to_owned(), key);
+        if let Some(e) = &self.inner.preauth {
+            lock(e).set_needs_token(service, true);
+        }
     }
 
     /// QUIC connections the endpoint still tracks (including closing and draining ones).
@@ -1276,7 +1293,7 @@ async fn open_service_stream(
     inner: &Arc<Inner>,
     service: &str,
 ) -> Result<(quinn::SendStream, quinn::RecvStream), ForwardError> {
-    if inner.auth_settings.upstream_keys.contains_key(service) {
+    if inner.has_token_requirement(service) {
         return auth::open_service_stream_with_token(inner, service).await;
     }
     let peer =

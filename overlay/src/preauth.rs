@@ -111,6 +111,9 @@ pub struct PreauthConfig {
     pub max_clients: usize,
     /// Use 0-RTT resumption for idempotent services. Default true.
     pub zero_rtt: bool,
+    /// Keep service tokens between requests (until 80% of their lifetime). Default true;
+    /// false fetches one per request (the simulator's no-caching baseline).
+    pub cache_tokens: bool,
     /// The predictor's settings.
     pub predictor: PredictorConfig,
 }
@@ -133,6 +136,7 @@ impl Default for PreauthConfig {
             default_rtt: Duration::from_millis(20),
             max_clients: 1024,
             zero_rtt: true,
+            cache_tokens: true,
             predictor: PredictorConfig::default(),
         }
     }

@@ -666,12 +666,33 @@ pub(super) async fn token_for(
     peer: NodeId,
     service: &str,
 ) -> Result<SecretString, String> {
-    let Some(api_key) = inner.auth_settings.upstream_keys.get(service).cloned() else {
+    let Some(api_key) = inner.upstream_key(service) else {
         return Err(format!("no API key configured for {service:?}"));
     };
     cached_or_fetch(inner, peer, service, &api_key)
         .await
         .map_err(|r| r.to_string())
+}
+
+/// A fresh token for `service` at `peer`, neither looked up in nor added to the cache.
+pub(super) async fn token_uncached(
+    inner: &Arc<Inner>,
+    peer: NodeId,
+    service: &str,
+) -> Result<SecretString, String> {
+    let Some(api_key) = inner.upstream_key(service) else {
+        return Err(format!("no API key configured for {service:?}"));
+    };
+    remote_token(
+        inner,
+        peer,
+        service,
+        api_key.expose(),
+        crate::auth::policy::SCOPE_CONNECT,
+    )
+    .await
+    .map(|g| g.token)
+    .map_err(|r| r.to_string())
 }
 
 async fn cached_or_fetch(
@@ -708,7 +729,7 @@ pub(super) async fn open_service_stream_with_token(
     inner: &Arc<Inner>,
     service: &str,
 ) -> Result<(quinn::SendStream, quinn::RecvStream), ForwardError> {
-    let Some(api_key) = inner.auth_settings.upstream_keys.get(service).cloned() else {
+    let Some(api_key) = inner.upstream_key(service) else {
         return Err(ForwardError::NoProvider(service.into()));
     };
     let first =

@@ -313,7 +313,6 @@ async fn serve(
         pick_provider(inner, service).ok_or_else(|| ForwardError::NoProvider(service.into()))?;
     let early = is_idempotent(inner, service)
         && engine(inner).is_some_and(|e| e.config().zero_rtt)
-        && !inner.has_token_requirement(service)
         && ticket_usable(inner, peer);
     let (conn, zero_rtt, pooled) = dial_data(inner, peer, early)
         .await
@@ -406,8 +405,13 @@ async fn token_for(
     if !inner.has_token_requirement(service) {
         return Ok(None);
     }
-    super::auth::token_for(inner, peer, service)
-        .await
+    let cache = engine(inner).is_none_or(|e| e.config().cache_tokens);
+    let token = if cache {
+        super::auth::token_for(inner, peer, service).await
+    } else {
+        super::auth::token_uncached(inner, peer, service).await
+    };
+    token
         .map(|t| Some(t.expose().to_owned()))
         .map_err(|reason| ForwardError::Unauthorized {
             service: service.to_owned(),
