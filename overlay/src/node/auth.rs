@@ -659,40 +659,27 @@ async fn remote_token(
     }
 }
 
-/// The token for `service` at `peer`: cached until 80% of its lifetime, else fetched with the
-/// configured API key (pre-authentication fetches it ahead of use through this too).
+/// The token for `service` at `peer`: with `cache`, the cached one until 80% of its lifetime,
+/// else one fetched with the configured API key and cached (pre-authentication fetches it ahead
+/// of use through this too); without, a fresh one, not cached.
 pub(super) async fn token_for(
     inner: &Arc<Inner>,
     peer: NodeId,
     service: &str,
+    cache: bool,
 ) -> Result<SecretString, String> {
     let Some(api_key) = inner.upstream_key(service) else {
         return Err(format!("no API key configured for {service:?}"));
     };
-    cached_or_fetch(inner, peer, service, &api_key)
-        .await
-        .map_err(|r| r.to_string())
-}
-
-/// A fresh token for `service` at `peer`, neither looked up in nor added to the cache.
-pub(super) async fn token_uncached(
-    inner: &Arc<Inner>,
-    peer: NodeId,
-    service: &str,
-) -> Result<SecretString, String> {
-    let Some(api_key) = inner.upstream_key(service) else {
-        return Err(format!("no API key configured for {service:?}"));
+    let token = if cache {
+        cached_or_fetch(inner, peer, service, &api_key).await
+    } else {
+        let scope = crate::auth::policy::SCOPE_CONNECT;
+        remote_token(inner, peer, service, api_key.expose(), scope)
+            .await
+            .map(|g| g.token)
     };
-    remote_token(
-        inner,
-        peer,
-        service,
-        api_key.expose(),
-        crate::auth::policy::SCOPE_CONNECT,
-    )
-    .await
-    .map(|g| g.token)
-    .map_err(|r| r.to_string())
+    token.map_err(|r| r.to_string())
 }
 
 async fn cached_or_fetch(

@@ -153,6 +153,41 @@ impl Pool {
         }
     }
 
+    /// The slot of `key` (created empty if new), set to `level`.
+    fn entry(&mut self, key: &(String, String), level: Level) -> &mut Slot {
+        let slot = self.slots.entry(key.clone()).or_insert(Slot {
+            provider: None,
+            level,
+            holds_ref: false,
+            stream: None,
+        });
+        slot.level = level;
+        slot
+    }
+
+    /// Makes the entry `key` refer to the connection to `peer` (taking a reference on it and
+    /// dropping the one it held on another provider's, which may then close).
+    fn point(&mut self, key: &(String, String), peer: NodeId) {
+        let Some(slot) = self.slots.get_mut(key) else {
+            return;
+        };
+        let had = slot.holds_ref.then_some(slot.provider).flatten();
+        slot.provider = Some(peer);
+        slot.holds_ref = true;
+        if had == Some(peer) {
+            return;
+        }
+        if let Some(d) = self.conns.get_mut(&peer) {
+            d.refs += 1;
+        }
+        if let Some(old) = had {
+            if let Some(d) = self.conns.get_mut(&old) {
+                d.refs = d.refs.saturating_sub(1);
+            }
+            self.close_unused(old);
+        }
+    }
+
     fn release(&mut self, key: &(String, String)) -> bool {
         let Some(slot) = self.slots.remove(key) else {
             return false;
@@ -406,12 +441,8 @@ async fn token_for(
         return Ok(None);
     }
     let cache = engine(inner).is_none_or(|e| e.config().cache_tokens);
-    let token = if cache {
-        super::auth::token_for(inner, peer, service).await
-    } else {
-        super::auth::token_uncached(inner, peer, service).await
-    };
-    token
+    super::auth::token_for(inner, peer, service, cache)
+        .await
         .map(|t| Some(t.expose().to_owned()))
         .map_err(|reason| ForwardError::Unauthorized {
             service: service.to_owned(),
@@ -596,27 +627,8 @@ fn reserve(inner: &Arc<Inner>, key: &(String, String), level: Level) {
     else {
         return;
     };
-    let slot = pool.slots.entry(key.clone()).or_insert(Slot {
-        provider: None,
-        level,
-        holds_ref: false,
-        stream: None,
-    });
-    slot.level = level;
-    let had = slot.holds_ref.then_some(slot.provider).flatten();
-    slot.provider = Some(peer);
-    slot.holds_ref = true;
-    if had != Some(peer) {
-        if let Some(d) = pool.conns.get_mut(&peer) {
-            d.refs += 1;
-        }
-        if let Some(old) = had {
-            if let Some(d) = pool.conns.get_mut(&old) {
-                d.refs = d.refs.saturating_sub(1);
-            }
-            pool.close_unused(old);
-        }
-    }
+    pool.entry(key, level);
+    pool.point(key, peer);
 }
 
 async fn warm(inner: &Arc<Inner>, client: &str, service: &str, level: Level) -> Result<(), String> {
@@ -632,13 +644,7 @@ async fn warm(inner: &Arc<Inner>, client: &str, service: &str, level: Level) -> 
             .and_then(|s| s.provider)
             .filter(|p| providers.contains(p))
             .or_else(|| providers.iter().copied().find(|p| pool.live(*p).is_some()));
-        let slot = pool.slots.entry(key.clone()).or_insert(Slot {
-            provider: None,
-            level,
-            holds_ref: false,
-            stream: None,
-        });
-        slot.level = level;
+        pool.entry(&key, level);
         chosen
     };
     let peer = match peer {
@@ -647,7 +653,7 @@ async fn warm(inner: &Arc<Inner>, client: &str, service: &str, level: Level) -> 
     };
     if level == Level::Token || (level >= Level::Connection && inner.has_token_requirement(service))
     {
-        let fetched = super::auth::token_for(inner, peer, service).await?;
+        let fetched = super::auth::token_for(inner, peer, service, true).await?;
         drop(fetched);
         stats::inc(&inner.stats.preauth_tokens_prefetched);
     }
@@ -683,23 +689,10 @@ async fn warm(inner: &Arc<Inner>, client: &str, service: &str, level: Level) -> 
     };
     {
         let mut pool = lock(&inner.pool);
-        let Some(slot) = pool.slots.get_mut(&key) else {
+        if !pool.slots.contains_key(&key) {
             return Ok(()); // cooled meanwhile
-        };
-        let had = slot.holds_ref.then_some(slot.provider).flatten();
-        slot.provider = Some(peer);
-        slot.holds_ref = true;
-        if had != Some(peer) {
-            if let Some(d) = pool.conns.get_mut(&peer) {
-                d.refs += 1;
-            }
-            if let Some(old) = had {
-                if let Some(d) = pool.conns.get_mut(&old) {
-                    d.refs = d.refs.saturating_sub(1);
-                }
-                pool.close_unused(old);
-            }
         }
+        pool.point(&key, peer);
     }
     if level < Level::Stream {
         return Ok(());
