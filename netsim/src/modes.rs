@@ -94,6 +94,9 @@ impl Mode {
             entry_ttl: Duration::from_millis(p.entry_ttl_ms),
             stream_deadline: Duration::from_millis(p.stream_deadline_ms),
             speculative_handshakes_per_s: p.speculative_per_s,
+            // The simulated client peers stand for many callers each: no per-client cap
+            // beyond the peer's (as in the recorded benchmark runs).
+            speculative_handshakes_per_client_per_s: p.speculative_per_s,
             max_warm_connections: p.max_warm_connections,
             max_preopened_streams: p.max_preopened_streams,
             ..PreauthConfig::default()

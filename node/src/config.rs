@@ -91,6 +91,8 @@ pub struct RawPreauth {
     pub max_preopened_streams: Option<usize>,
     /// Speculative handshakes per second (default 20).
     pub speculative_handshakes_per_second: Option<f64>,
+    /// Speculative handshakes per second for any one local client (default 5).
+    pub speculative_handshakes_per_client_per_second: Option<f64>,
     /// Prediction horizon (default 2000).
     pub horizon_ms: Option<u64>,
     /// An unused warm entry is dropped after this long (default 30000).
@@ -607,7 +609,16 @@ fn preauth_settings(
             "key `preauth.speculative_handshakes_per_second`: must be 0 or more".into(),
         ));
     }
+    let client_rate = p
+        .speculative_handshakes_per_client_per_second
+        .unwrap_or(d.speculative_handshakes_per_client_per_s);
+    if !(client_rate.is_finite() && client_rate >= 0.0) {
+        return Err(err(
+            "key `preauth.speculative_handshakes_per_client_per_second`: must be 0 or more".into(),
+        ));
+    }
     let engine = PreauthConfig {
+        speculative_handshakes_per_client_per_s: client_rate,
         policy,
         budget,
         max_warm_connections: p.max_warm_connections.unwrap_or(d.max_warm_connections),

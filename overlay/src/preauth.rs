@@ -87,6 +87,8 @@ pub struct PreauthConfig {
     pub max_preopened_streams: usize,
     /// Speculative handshakes per second (token bucket rate; the burst is `budget` × 2). Default 20.
     pub speculative_handshakes_per_s: f64,
+    /// Speculative handshakes per second for any one client (burst `budget`). Default 5.
+    pub speculative_handshakes_per_client_per_s: f64,
     /// Horizon over which the predictor ranks services. Default 2 s.
     pub horizon: Duration,
     /// An unused entry is dropped after this long. Default 30 s.
@@ -126,6 +128,7 @@ impl Default for PreauthConfig {
             max_warm_connections: 64,
             max_preopened_streams: 32,
             speculative_handshakes_per_s: 20.0,
+            speculative_handshakes_per_client_per_s: 5.0,
             horizon: Duration::from_secs(2),
             entry_ttl: Duration::from_secs(30),
             stream_deadline: Duration::from_secs(5),
@@ -223,6 +226,8 @@ struct Client {
     /// Distinct services, most recent first (for [`Policy::Recent`]).
     recent: VecDeque<String>,
     hint: Vec<String>,
+    /// This client's speculative-handshake bucket: tokens and when it was last filled.
+    bucket: (f64, Instant),
     /// Multiplies every cost: > 1 while entries are wasted, < 1 while requests miss.
     scale: f64,
     last_seen: Instant,
@@ -360,8 +365,9 @@ impl Engine {
         p.shed_until = Some(now + p.backoff);
     }
 
-    /// Whether a speculative handshake to `peer` may start now; takes a token from the bucket.
-    pub fn try_speculate(&mut self, now: Instant, peer: NodeId) -> bool {
+    /// Whether a speculative handshake to `peer` for `client` may start now: the peer is not
+    /// backed off, and both the peer-wide and the client's buckets have a token (taken).
+    pub fn try_speculate(&mut self, now: Instant, peer: NodeId, client: &str) -> bool {
         if self
             .peers
             .get(&peer)
@@ -375,8 +381,21 @@ impl Engine {
         let dt = now.saturating_duration_since(self.bucket_at).as_secs_f64();
         self.bucket = (self.bucket + dt * self.cfg.speculative_handshakes_per_s).min(burst);
         self.bucket_at = now;
-        if self.bucket >= 1.0 {
+        let client_rate = self.cfg.speculative_handshakes_per_client_per_s;
+        let client_burst = self.cfg.budget.max(1) as f64;
+        let client_ok = match self.clients.get_mut(client) {
+            Some(c) => {
+                let dt = now.saturating_duration_since(c.bucket.1).as_secs_f64();
+                c.bucket = ((c.bucket.0 + dt * client_rate).min(client_burst), now);
+                c.bucket.0 >= 1.0
+            }
+            None => true,
+        };
+        if self.bucket >= 1.0 && client_ok {
             self.bucket -= 1.0;
+            if let Some(c) = self.clients.get_mut(client) {
+                c.bucket.0 -= 1.0;
+            }
             self.stats.speculative_handshakes += 1;
             true
         } else {
@@ -469,6 +488,7 @@ impl Engine {
                 warm: BTreeMap::new(),
                 recent: VecDeque::new(),
                 hint: Vec::new(),
+                bucket: ((self.cfg.budget.max(1)) as f64, now),
                 scale: 1.0,
                 last_seen: now,
             })
@@ -818,13 +838,39 @@ mod tests {
         let (mut e, now) = engine(Policy::Predictive, 1);
         let peer = NodeId::from_spki(b"peer");
         // Burst of 2, then 20/s.
-        assert!(e.try_speculate(now, peer));
-        assert!(e.try_speculate(now, peer));
-        assert!(!e.try_speculate(now, peer));
-        assert!(e.try_speculate(now + Duration::from_millis(60), peer));
+        assert!(e.try_speculate(now, peer, "a"));
+        assert!(e.try_speculate(now, peer, "b"));
+        assert!(!e.try_speculate(now, peer, "c"));
+        assert!(e.try_speculate(now + Duration::from_millis(60), peer, "d"));
         e.handle_refused(now, peer);
-        assert!(!e.try_speculate(now + Duration::from_millis(500), peer));
-        assert!(e.try_speculate(now + Duration::from_secs(2), peer));
+        assert!(!e.try_speculate(now + Duration::from_millis(500), peer, "e"));
+        assert!(e.try_speculate(now + Duration::from_secs(2), peer, "f"));
+    }
+
+    #[test]
+    fn one_client_cannot_spend_the_whole_speculation_budget() {
+        let now = Instant::now();
+        let cfg = PreauthConfig {
+            policy: Policy::Recent,
+            budget: 2,
+            speculative_handshakes_per_s: 1000.0,
+            speculative_handshakes_per_client_per_s: 1.0,
+            ..PreauthConfig::default()
+        };
+        let mut e = Engine::new(cfg, now);
+        e.handle_request(now, "greedy", "s");
+        e.handle_request(now, "calm", "s");
+        let peer = NodeId::from_spki(b"p");
+        let t = now + Duration::from_millis(10);
+        // The client's burst is its budget (2), then 1/s.
+        assert!(e.try_speculate(t, peer, "greedy"));
+        assert!(e.try_speculate(t, peer, "greedy"));
+        assert!(!e.try_speculate(t, peer, "greedy"));
+        assert!(
+            e.try_speculate(t, peer, "calm"),
+            "other clients keep theirs"
+        );
+        assert!(e.try_speculate(t + Duration::from_secs(1), peer, "greedy"));
     }
 
     #[test]

@@ -669,7 +669,8 @@ async fn warm(inner: &Arc<Inner>, client: &str, service: &str, level: Level) -> 
     let conn = match live {
         Some(c) => c,
         None => {
-            let allowed = engine(inner).is_some_and(|mut e| e.try_speculate(Instant::now(), peer));
+            let allowed =
+                engine(inner).is_some_and(|mut e| e.try_speculate(Instant::now(), peer, client));
             if !allowed {
                 return Err("speculative handshake budget exhausted".into());
             }
