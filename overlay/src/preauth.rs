@@ -253,6 +253,20 @@ pub struct Engine {
     bucket_at: Instant,
     actions: VecDeque<Action>,
     stats: PreauthStats,
+    /// Entries at connection level or deeper, over all clients (kept, not scanned).
+    deep: usize,
+    /// Entries at stream level, over all clients.
+    streams: usize,
+}
+
+/// (entries at connection level or deeper, entries at stream level) of one warm set.
+fn depth(warm: &BTreeMap<String, Entry>) -> (usize, usize) {
+    warm.values().fold((0, 0), |(d, s), e| {
+        (
+            d + usize::from(e.level >= Level::Connection),
+            s + usize::from(e.level == Level::Stream),
+        )
+    })
 }
 
 const MIN_SCALE: f64 = 0.25;
@@ -272,6 +286,8 @@ impl Engine {
             bucket_at: now,
             actions: VecDeque::new(),
             stats: PreauthStats::default(),
+            deep: 0,
+            streams: 0,
             cfg,
         }
     }
@@ -499,6 +515,12 @@ impl Engine {
             return;
         };
         if let Some(e) = c.warm.remove(service) {
+            if e.level >= Level::Connection {
+                self.deep = self.deep.saturating_sub(1);
+            }
+            if e.level == Level::Stream {
+                self.streams = self.streams.saturating_sub(1);
+            }
             if !e.used {
                 self.stats.wasted += 1;
                 c.scale = (c.scale * 1.25).min(MAX_SCALE);
@@ -602,19 +624,16 @@ impl Engine {
                 want.push((s, level, p, t));
             }
         }
-        // Global caps: demote what does not fit.
-        let mut conns = self.warm_count(Level::Connection);
-        let mut streams = self.warm_count(Level::Stream);
+        // Global caps: demote what does not fit. This client's own entries are re-decided
+        // here, so only the others' count against the caps.
         let Some(c) = self.clients.get(client) else {
             return;
         };
-        for (s, _) in c.warm.iter().filter(|(_, e)| e.level >= Level::Connection) {
-            // This client's own entries are re-decided below.
-            conns -= 1;
-            if c.warm.get(s).is_some_and(|e| e.level == Level::Stream) {
-                streams -= 1;
-            }
-        }
+        let (mine_deep, mine_streams) = depth(&c.warm);
+        let other_deep = self.deep.saturating_sub(mine_deep);
+        let other_streams = self.streams.saturating_sub(mine_streams);
+        let mut conns = other_deep;
+        let mut streams = other_streams;
         for w in &mut want {
             if w.1 == Level::Stream {
                 if streams >= self.cfg.max_preopened_streams {
@@ -683,6 +702,11 @@ impl Engine {
                     }
                 }
             }
+        }
+        if let Some(c) = self.clients.get(client) {
+            let (d, s) = depth(&c.warm);
+            self.deep = other_deep + d;
+            self.streams = other_streams + s;
         }
         self.actions.extend(new_actions);
     }
@@ -933,6 +957,31 @@ mod tests {
             w.check(now + Duration::from_secs(20), a, 100 + i, true);
         }
         assert!(w.len() <= 100);
+    }
+
+    #[test]
+    fn kept_depth_counters_match_a_scan() {
+        let now = Instant::now();
+        let cfg = PreauthConfig {
+            policy: Policy::Predictive,
+            budget: 3,
+            max_warm_connections: 7,
+            max_preopened_streams: 3,
+            handshake_cost_ms: 0.0,
+            hold_cost_ms: 0.0,
+            ..PreauthConfig::default()
+        };
+        let mut e = Engine::new(cfg, now);
+        for i in 0..3000u64 {
+            let t = now + Duration::from_millis(i * 3);
+            e.handle_request(t, &format!("c{}", i % 11), &format!("s{}", (i * 7) % 13));
+            if i % 500 == 0 {
+                e.handle_timeout(t + Duration::from_secs(31));
+            }
+            assert_eq!(e.deep, e.warm_count(Level::Connection), "at {i}");
+            assert_eq!(e.streams, e.warm_count(Level::Stream), "at {i}");
+            assert!(e.deep <= 7 && e.streams <= 3);
+        }
     }
 
     #[test]
