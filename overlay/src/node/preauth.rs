@@ -39,7 +39,7 @@ pub struct ServiceStream {
     pub recv: quinn::RecvStream,
     /// The path the request took.
     pub served: Served,
-    /// The provider.
+    /// The provider (this node's own id on the path without an engine, which does not say).
     pub peer: NodeId,
     /// Keeps the data connection open while the request runs.
     pub lease: Lease,
