@@ -1302,23 +1302,31 @@ async fn open_service_stream(
         .conn_to(peer)
         .await
         .map_err(|source| ForwardError::Dial { peer, source })?;
-    let (mut send, recv) = conn.open_bi().await.map_err(|e| ForwardError::Stream {
+    let kind = StreamKind::Forward {
+        service: service.to_owned(),
+    };
+    open_stream(inner, &conn, peer, kind).await
+}
+
+/// Opens a stream on `conn` to `peer` and sends its header (`kind`, the next request id). The
+/// encoded header is wiped after sending: it may carry a token.
+async fn open_stream(
+    inner: &Inner,
+    conn: &quinn::Connection,
+    peer: NodeId,
+    kind: StreamKind,
+) -> Result<(quinn::SendStream, quinn::RecvStream), ForwardError> {
+    let failed = |e: &dyn std::fmt::Display| ForwardError::Stream {
         peer,
         reason: e.to_string(),
-    })?;
+    };
+    let (mut send, recv) = conn.open_bi().await.map_err(|e| failed(&e))?;
     stats::inc(&inner.stats.streams_opened);
-    let header = wire::encode_header(&StreamHeader {
-        kind: StreamKind::Forward {
-            service: service.to_owned(),
-        },
+    let header = zeroize::Zeroizing::new(wire::encode_header(&StreamHeader {
+        kind,
         request_id: inner.next_request_id.fetch_add(1, Ordering::Relaxed),
-    });
-    send.write_all(&header)
-        .await
-        .map_err(|e| ForwardError::Stream {
-            peer,
-            reason: e.to_string(),
-        })?;
+    }));
+    send.write_all(&header).await.map_err(|e| failed(&e))?;
     Ok((send, recv))
 }
 

@@ -743,27 +743,11 @@ pub(super) async fn open_service_stream_with_token(
                 continue;
             }
         };
-        let (mut send, recv) = conn.open_bi().await.map_err(|e| ForwardError::Stream {
-            peer,
-            reason: e.to_string(),
-        })?;
-        stats::inc(&inner.stats.streams_opened);
-        let header = Zeroizing::new(wire::encode_header(&StreamHeader {
-            kind: StreamKind::ForwardAuth {
-                service: service.to_owned(),
-                token: token.expose().to_owned(),
-            },
-            request_id: inner
-                .next_request_id
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-        }));
-        send.write_all(&header)
-            .await
-            .map_err(|e| ForwardError::Stream {
-                peer,
-                reason: e.to_string(),
-            })?;
-        return Ok((send, recv));
+        let kind = StreamKind::ForwardAuth {
+            service: service.to_owned(),
+            token: token.expose().to_owned(),
+        };
+        return super::open_stream(inner, &conn, peer, kind).await;
     }
     Err(ForwardError::Unauthorized {
         service: service.to_owned(),

@@ -413,22 +413,7 @@ async fn open_forward(
             service: service.to_owned(),
         },
     };
-    let (mut send, recv) = conn.open_bi().await.map_err(|e| ForwardError::Stream {
-        peer,
-        reason: e.to_string(),
-    })?;
-    stats::inc(&inner.stats.streams_opened);
-    let header = zeroize::Zeroizing::new(wire::encode_header(&StreamHeader {
-        kind,
-        request_id: next_id(inner),
-    }));
-    send.write_all(&header)
-        .await
-        .map_err(|e| ForwardError::Stream {
-            peer,
-            reason: e.to_string(),
-        })?;
-    Ok((send, recv))
+    super::open_stream(inner, conn, peer, kind).await
 }
 
 /// The token for `service` at `peer` when the service needs one (cached, else fetched).
