@@ -130,6 +130,8 @@ pub struct NodeConfig {
     pub auth: AuthSettings,
     /// Predictive pre-authentication and early data.
     pub preauth: PreauthSettings,
+    /// Routing: probes, summaries, relays, retries.
+    pub routing: crate::routing::RoutingConfig,
 }
 
 impl std::fmt::Debug for NodeConfig {
@@ -165,6 +167,7 @@ impl Default for NodeConfig {
             backend_connector: Arc::new(TcpConnector),
             auth: AuthSettings::default(),
             preauth: PreauthSettings::default(),
+            routing: crate::routing::RoutingConfig::default(),
         }
     }
 }

@@ -21,6 +21,7 @@ pub mod identity;
 pub mod membership;
 pub mod node;
 pub mod preauth;
+pub mod routing;
 pub mod stats;
 pub mod tls;
 pub mod wire;

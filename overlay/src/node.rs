@@ -52,10 +52,12 @@ use crate::stats::{self, Stats};
 mod auth;
 mod catalog_sync;
 mod preauth;
+mod routing;
 use crate::tls::{self, authenticate_peer, AuthError, DenySet};
 use crate::wire::{self, code, StreamHeader, StreamKind};
 pub use auth::{DeregisterReport, Registered, RevokeRequest, TokenGrant};
 pub use preauth::{Lease, ServiceStream};
+pub use routing::{Attempt, Duplex, Exchange, ExchangeError};
 
 /// Errors starting a node.
 #[derive(Debug, thiserror::Error)]
@@ -195,6 +197,8 @@ struct Inner {
     catalog_sync: catalog_sync::State,
     /// API keys for services reached with tokens (from the config; settable at runtime).
     upstream_keys: RwLock<std::collections::BTreeMap<String, crate::auth::secret::SecretString>>,
+    /// Router, probes, route gossip, relays.
+    routing: routing::State,
 }
 
 impl Inner {
@@ -360,7 +364,17 @@ impl Node {
         );
         let catalog_sync = catalog_sync::State::new(&identity, config.membership.cluster_size_hint)
             .map_err(|e| NodeError::Config(format!("catalog signing key: {e}")))?;
+        let routing_state = routing::State::new(
+            &identity,
+            config.generation,
+            config.routing.clone(),
+            config.tls,
+            config.membership.cluster_size_hint,
+            config.seed,
+        )
+        .map_err(NodeError::Config)?;
         let inner = Arc::new(Inner {
+            routing: routing_state,
             info,
             me,
             endpoint,
@@ -435,6 +449,7 @@ impl Node {
             tokio::spawn(auth::housekeeping(node.inner.clone()).instrument(span.clone())),
             tokio::spawn(auth::renewal_loop(node.inner.clone()).instrument(span.clone())),
             tokio::spawn(preauth::timer_loop(node.inner.clone()).instrument(span.clone())),
+            tokio::spawn(routing::probe_loop(node.inner.clone()).instrument(span.clone())),
         ];
         for (service, l) in listeners {
             tasks.push(tokio::spawn(
@@ -640,6 +655,25 @@ impl Node {
     /// used by the `hinted` policy).
     pub fn preauth_hint(&self, client: &str, services: Vec<String>) {
         preauth::hint(&self.inner, client, services)
+    }
+
+    /// Sends `request` to the best instance of `service` on the best path (direct or through
+    /// relays) and waits for the first response byte; an attempt that gets none because its
+    /// instance or path failed is retried on another (at most `routing.max_attempts`).
+    /// `finish` half-closes after the request. Use for requests that may be repeated.
+    pub async fn exchange(
+        &self,
+        service: &str,
+        request: &[u8],
+        finish: bool,
+    ) -> Result<Exchange, ExchangeError> {
+        routing::exchange(&self.inner, service, request, finish).await
+    }
+
+    /// The routing state (`GET /v1/routes`): coordinate, each member's link, reported load,
+    /// cheapest and current path.
+    pub fn routes_view(&self) -> serde_json::Value {
+        routing::view(&self.inner)
     }
 
     /// Opens a forwarding stream to `service` on the best provider and returns it, header sent.
@@ -947,6 +981,10 @@ fn handle_datagram(inner: &Arc<Inner>, info: &CertInfo, d: Bytes) {
             }
         }
         Some(&wire::DATAGRAM_CATALOG) => catalog_sync::handle_gossip(inner, info, &d[1..]),
+        Some(&wire::DATAGRAM_ROUTES) => routing::handle_gossip(inner, info, &d[1..]),
+        Some(&k @ (wire::DATAGRAM_PROBE | wire::DATAGRAM_PROBE_ACK)) => {
+            routing::handle_probe(inner, info, k, &d[1..])
+        }
         other => {
             stats::inc(&inner.stats.membership_refused);
             debug!(kind = ?other, "unknown datagram kind ignored");
@@ -1091,6 +1129,9 @@ async fn handle_stream(
             }
         }
         StreamKind::CatalogSync => catalog_sync::serve_sync(&inner, &peer, send, recv).await,
+        StreamKind::Relay { route, visited } => {
+            routing::serve_relay(&inner, &peer, route, visited, send, recv).await
+        }
     }
 }
 
@@ -1174,6 +1215,7 @@ async fn serve_forward(
         }
     };
     debug!(service, request_id, peer = %peer.node_id.fmt_short(), "forwarding to backend");
+    let _serving = routing::Serving::start(inner);
     pipe(inner, tcp, send, recv, service).await;
 }
 
@@ -1284,6 +1326,12 @@ fn pick_provider(inner: &Inner, service: &str) -> Option<NodeId> {
         .collect();
     if live.is_empty() {
         return None;
+    }
+    // The router's choice (measured latency and load, suspect links avoided); round robin
+    // among live providers while it knows none of them.
+    let st = &inner.routing;
+    if let Some(c) = lock(&st.router).choose(&live, &[], Instant::now(), |n| st.pick(n)) {
+        return Some(c.provider);
     }
     let i = inner.round_robin.fetch_add(1, Ordering::Relaxed) % live.len();
     Some(live[i])
@@ -1473,6 +1521,7 @@ fn drain_membership(
                 // No catalog dial per member: entries are signed by their origin and spread
                 // by gossip; only the first member (a join) is asked for the whole catalog.
                 catalog_sync::on_member_up(inner, &p, first);
+                routing::on_member_up(inner, p.node_id);
             }
             MembershipEvent::Down(p) => {
                 info!(peer = %p.node_id.fmt_short(), name = %p.name, "member down");
@@ -1488,6 +1537,7 @@ fn drain_membership(
                     conn.close(VarInt::from_u32(code::OK), b"member down");
                 }
                 catalog_sync::on_member_down(inner, p.node_id);
+                routing::on_member_down(inner, p.node_id);
             }
             MembershipEvent::Rejoin(me) => {
                 info!(
@@ -1519,6 +1569,7 @@ fn send_membership(inner: &Arc<Inner>, to: PeerIdentity, data: Bytes) {
             }
         }
         catalog_sync::piggyback(inner, &conn);
+        routing::piggyback(inner, &conn);
         return;
     }
     if inner.shutting_down.load(Ordering::Relaxed) || to.node_id == inner.info.node_id {
@@ -1532,6 +1583,7 @@ fn send_membership(inner: &Arc<Inner>, to: PeerIdentity, data: Bytes) {
                     stats::inc(&inner.stats.membership_datagrams_sent);
                 }
                 catalog_sync::piggyback(&inner, &conn);
+                routing::piggyback(&inner, &conn);
             }
             Err(e) => debug!(peer = %to.node_id.fmt_short(), error = %e, "membership dial failed"),
         }

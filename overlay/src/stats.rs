@@ -173,6 +173,32 @@ stats! {
     zero_rtt_rejected => "meshd_zero_rtt_rejected_total", "0-RTT attempts rejected", counter;
     /// Requests refused as replays (request id already executed from early data).
     replays_refused => "meshd_replays_refused_total", "Replayed requests refused", counter;
+    /// Routing: probes sent.
+    route_probes_sent => "meshd_route_probes_sent_total", "Routing: link probes sent", counter;
+    /// Routing: links marked down (probes unanswered or a request's path failed).
+    route_links_down => "meshd_route_links_down_total", "Routing: links marked down", counter;
+    /// Routing: our summaries signed and queued for gossip.
+    route_summaries_published => "meshd_route_summaries_published_total", "Routing: summaries published", counter;
+    /// Routing: other peers' summaries applied.
+    route_summaries_applied => "meshd_route_summaries_applied_total", "Routing: summaries applied", counter;
+    /// Routing: summaries or probes refused (bad signature, malformed, not the origin's).
+    route_summaries_refused => "meshd_route_summaries_refused_total", "Routing: summaries refused", counter;
+    /// Routing: route gossip datagrams sent.
+    route_gossip_sent => "meshd_route_gossip_sent_total", "Routing: gossip datagrams sent", counter;
+    /// Requests retried on another instance or path before any response byte.
+    requests_retried => "meshd_requests_retried_total", "Requests retried before the first byte", counter;
+    /// Relayed streams this peer opened as origin.
+    relayed_streams_opened => "meshd_relayed_streams_opened_total", "Relayed streams opened as origin", counter;
+    /// Streams this peer relayed for others.
+    relayed_streams => "meshd_relayed_streams_total", "Streams relayed for others", counter;
+    /// Bytes relayed for others (both ways).
+    relayed_bytes => "meshd_relayed_bytes_total", "Bytes relayed for others", counter;
+    /// Relay requests refused (path, loop, hop limit, quota, policy).
+    relay_refused => "meshd_relay_refused_total", "Relay requests refused", counter;
+    /// Relayed streams served as destination.
+    e2e_streams_served => "meshd_e2e_streams_served_total", "Relayed streams served end to end", counter;
+    /// Relayed streams refused as destination (TLS failed, wrong origin, bad header).
+    e2e_refused => "meshd_e2e_refused_total", "Relayed streams refused at the destination", counter;
     /// Early requests for non-idempotent services held until the handshake completed.
     early_data_held => "meshd_early_data_held_total", "Non-idempotent early requests held until handshake completion", counter;
 }

@@ -127,6 +127,17 @@ pub fn authenticate_peer(
     let chain = identity
         .downcast::<Vec<CertificateDer<'static>>>()
         .map_err(|_| AuthError::NoCertificate)?;
+    authenticate_chain(&chain, deny, now_unix)
+}
+
+/// Checks a peer certificate chain that rustls already verified against the overlay CA (a
+/// QUIC connection's, or an end-to-end TLS session's inside a relayed stream): parses the
+/// leaf, checks expiry and the deny set.
+pub fn authenticate_chain(
+    chain: &[CertificateDer<'_>],
+    deny: &DenySet,
+    now_unix: i64,
+) -> Result<CertInfo, AuthError> {
     let leaf = chain.first().ok_or(AuthError::NoCertificate)?;
     let info = parse_node_cert(leaf).map_err(|e| AuthError::BadCertificate(e.to_string()))?;
     if info.not_after_unix < now_unix {
@@ -295,6 +306,26 @@ pub fn client_config(
     cfg.resumption = Resumption::in_memory_sessions(settings.client_sessions);
     cfg.enable_early_data = true;
     Ok(cfg)
+}
+
+/// TLS configs of the end-to-end session inside relayed streams (TLS 1.3 over a byte stream,
+/// ALPN `meshd-e2e/1`, same mutual authentication as QUIC, no early data).
+pub fn e2e_configs(
+    identity: &NodeIdentity,
+    settings: TlsSettings,
+) -> Result<(Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>), TlsError> {
+    let small = TlsSettings {
+        client_sessions: settings.client_sessions.min(256),
+        server_sessions: settings.server_sessions.min(256),
+        ..settings
+    };
+    let mut server = server_config(identity, small)?;
+    server.alpn_protocols = vec![crate::wire::E2E_ALPN.to_vec()];
+    server.max_early_data_size = 0;
+    let mut client = client_config(identity, small)?;
+    client.alpn_protocols = vec![crate::wire::E2E_ALPN.to_vec()];
+    client.enable_early_data = false;
+    Ok((Arc::new(server), Arc::new(client)))
 }
 
 /// The server name to dial a node with.

@@ -27,6 +27,12 @@ pub const MAX_SERVICES_PER_PEER: usize = 1024;
 pub const DATAGRAM_MEMBERSHIP: u8 = 1;
 /// Datagram kind: catalog gossip (signed snapshots and version hints).
 pub const DATAGRAM_CATALOG: u8 = 2;
+/// Datagram kind: route gossip (signed [`RouteSummary`] items, same framing as catalog gossip).
+pub const DATAGRAM_ROUTES: u8 = 3;
+/// Datagram kind: a liveness and RTT probe ([`Probe`]).
+pub const DATAGRAM_PROBE: u8 = 4;
+/// Datagram kind: the answer to a probe ([`Probe`], same nonce).
+pub const DATAGRAM_PROBE_ACK: u8 = 5;
 
 /// QUIC application error codes (stream resets and connection closes).
 pub mod code {
@@ -64,6 +70,14 @@ pub mod code {
     pub const DUPLICATE_REQUEST: u32 = 0x1b;
     /// Stream: a non-idempotent request arrived in 0-RTT data and the handshake never completed.
     pub const EARLY_DATA_REFUSED: u32 = 0x1c;
+    /// Stream: a relayed stream's path is longer than the receiver allows.
+    pub const HOP_LIMIT: u32 = 0x1d;
+    /// Stream: a relayed stream would pass a peer twice.
+    pub const ROUTING_LOOP: u32 = 0x1e;
+    /// Stream: the receiver does not relay for this origin now (policy or quota).
+    pub const RELAY_REFUSED: u32 = 0x1f;
+    /// Stream: the relay could not reach the next peer.
+    pub const RELAY_UNREACHABLE: u32 = 0x20;
 
     /// Human-readable name of a code, for logs.
     pub fn name(code: u64) -> &'static str {
@@ -85,6 +99,10 @@ pub mod code {
             0x1a => "pre-opened stream expired",
             0x1b => "duplicate request",
             0x1c => "early data refused",
+            0x1d => "hop limit",
+            0x1e => "routing loop",
+            0x1f => "relay refused",
+            0x20 => "relay unreachable",
             _ => "unknown code",
         }
     }
@@ -162,6 +180,157 @@ pub enum StreamKind {
     /// Signed catalog exchange: one [`CatalogRequest`] frame follows; the peer answers with
     /// zero or more [`CatalogBatch`] frames and FIN.
     CatalogSync,
+    /// A relayed stream. `route` lists the peers still to reach, the last being the
+    /// destination; `visited` the peers it went through, the origin first. A receiver with a
+    /// non-empty `route` relays: it opens `Relay { route[1..], visited + [itself] }` to
+    /// `route[0]` and copies bytes both ways. A receiver with an empty `route` is the
+    /// destination: the bytes that follow are a TLS 1.3 session (ALPN `meshd-e2e/1`, mutual,
+    /// overlay certificates) between origin and destination, carrying a stream header and its
+    /// payload, so relays see ciphertext only. Refused with `HOP_LIMIT`, `ROUTING_LOOP`,
+    /// `RELAY_REFUSED` or `RELAY_UNREACHABLE`.
+    Relay {
+        /// Peers still to reach; the last is the destination.
+        route: Vec<crate::identity::NodeId>,
+        /// Peers gone through, origin first.
+        visited: Vec<crate::identity::NodeId>,
+    },
+}
+
+/// Most peers a relayed stream may name in `route` + `visited` (origin, up to 3 relays,
+/// destination).
+pub const MAX_RELAY_PATH: usize = 5;
+
+/// ALPN of the end-to-end TLS session inside a relayed stream.
+pub const E2E_ALPN: &[u8] = b"meshd-e2e/1";
+
+/// A probe or probe answer (datagram kinds 4 and 5): the sender's network coordinate rides on
+/// it, so every RTT sample also moves the receiver's coordinate.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Probe {
+    /// Chosen by the prober, echoed by the answer.
+    pub nonce: u64,
+    /// The sender's coordinate.
+    pub coord: crate::routing::vivaldi::Coord,
+}
+
+/// Encodes a probe datagram of `kind`.
+pub fn encode_probe(kind: u8, p: &Probe) -> Vec<u8> {
+    let mut out = vec![kind];
+    out.extend_from_slice(&postcard::to_allocvec(p).unwrap_or_default());
+    out
+}
+
+/// Decodes a probe payload (after the kind byte).
+pub fn decode_probe(payload: &[u8]) -> Result<Probe, WireError> {
+    if payload.len() > 64 {
+        return Err(WireError::TooLarge {
+            len: payload.len(),
+            max: 64,
+        });
+    }
+    let p: Probe = decode_exact(payload)?;
+    if !p.coord.is_valid() {
+        return Err(WireError::Malformed("invalid coordinate".into()));
+    }
+    Ok(p)
+}
+
+/// Most links one route summary reports.
+pub const MAX_ROUTE_LINKS: usize = 16;
+
+/// One measured link in a [`RouteSummary`]: from its origin to `peer`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkReport {
+    /// The other end.
+    pub peer: crate::identity::NodeId,
+    /// Smoothed RTT, µs.
+    pub rtt_us: u32,
+    /// Loss, parts per million.
+    pub loss_ppm: u32,
+}
+
+/// A peer's own load, as it reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct LoadReport {
+    /// Streams it serves now (forwards to its backends).
+    pub serving: u32,
+    /// Streams it relays now.
+    pub relaying: u32,
+    /// Peak-EWMA of its backends' time to first byte, µs (0: unknown).
+    pub backend_us: u32,
+}
+
+/// What a peer says about itself for routing: signed by it (body of a [`SignedCatalog`]
+/// envelope under context `meshd-routes-v1\0`), handed on by anyone. Only links of which the
+/// origin is an end can be expressed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RouteSummary {
+    /// The origin (must be the hash of the signing key).
+    pub node_id: crate::identity::NodeId,
+    /// Newer (generation, seq) wins.
+    pub version: CatalogVersion,
+    /// Its network coordinate.
+    pub coord: crate::routing::vivaldi::Coord,
+    /// Its load.
+    pub load: LoadReport,
+    /// Whether it relays streams for others.
+    pub relays: bool,
+    /// Its measured links, at most [`MAX_ROUTE_LINKS`].
+    pub links: Vec<LinkReport>,
+}
+
+/// Decodes a route summary body, checking limits and values.
+pub fn decode_route_summary(body: &[u8]) -> Result<RouteSummary, WireError> {
+    if body.len() > MAX_GOSSIP_ITEM_LEN {
+        return Err(WireError::TooLarge {
+            len: body.len(),
+            max: MAX_GOSSIP_ITEM_LEN,
+        });
+    }
+    let s: RouteSummary = decode_exact(body)?;
+    if s.links.len() > MAX_ROUTE_LINKS {
+        return Err(WireError::Malformed("too many links".into()));
+    }
+    if !s.coord.is_valid() {
+        return Err(WireError::Malformed("invalid coordinate".into()));
+    }
+    if s.links
+        .iter()
+        .any(|l| l.peer == s.node_id || l.loss_ppm > 1_000_000)
+    {
+        return Err(WireError::Malformed("invalid link".into()));
+    }
+    Ok(s)
+}
+
+/// Encodes route gossip items (each a postcard [`SignedCatalog`] whose body is a
+/// [`RouteSummary`]) with the catalog gossip framing.
+pub fn encode_route_item(s: &SignedCatalog) -> Option<Vec<u8>> {
+    let b = postcard::to_allocvec(s).ok()?;
+    (!b.is_empty() && b.len() <= MAX_GOSSIP_ITEM_LEN).then_some(b)
+}
+
+/// Decodes a route gossip datagram payload (after the kind byte) into signed envelopes; the
+/// receiver checks the signatures.
+pub fn decode_route_gossip(mut payload: &[u8]) -> Result<Vec<SignedCatalog>, WireError> {
+    let mut out = Vec::new();
+    while !payload.is_empty() {
+        if out.len() == MAX_GOSSIP_ITEMS {
+            return Err(WireError::Malformed("too many gossip items".into()));
+        }
+        let [a, b, rest @ ..] = payload else {
+            return Err(WireError::Malformed("truncated gossip item".into()));
+        };
+        let len = usize::from(u16::from_be_bytes([*a, *b]));
+        if len == 0 || len > MAX_GOSSIP_ITEM_LEN || len > rest.len() {
+            return Err(WireError::Malformed("bad gossip item length".into()));
+        }
+        let item: SignedCatalog = decode_exact(&rest[..len])?;
+        item.check_sizes()?;
+        out.push(item);
+        payload = &rest[len..];
+    }
+    Ok(out)
 }
 
 /// The byte a receiver sends on a [`StreamKind::Preopen`] stream once its backend is dialled.
@@ -462,6 +631,11 @@ pub fn decode_header_body(body: &[u8]) -> Result<StreamHeader, WireError> {
             if !valid_name(service) =>
         {
             Err(WireError::Malformed("invalid service name".into()))
+        }
+        StreamKind::Relay { route, visited }
+            if route.len() + visited.len() > MAX_RELAY_PATH || visited.is_empty() =>
+        {
+            Err(WireError::Malformed("bad relay path".into()))
         }
         _ => Ok(h),
     }

@@ -82,7 +82,8 @@ impl CatalogSigner {
         self.node_id
     }
 
-    fn sign(&self, context: &[u8], body: Vec<u8>) -> SignedCatalog {
+    /// Signs `context || body` (any self-authenticating body: catalogs, route summaries).
+    pub(crate) fn sign(&self, context: &[u8], body: Vec<u8>) -> SignedCatalog {
         let mut msg = Vec::with_capacity(context.len() + body.len());
         msg.extend_from_slice(context);
         msg.extend_from_slice(&body);
@@ -159,7 +160,8 @@ pub fn peek_snapshot(s: &SignedCatalog) -> Result<(NodeId, CatalogVersion), Sign
     Ok((body.node_id, body.version))
 }
 
-fn check(context: &[u8], s: &SignedCatalog, node_id: NodeId) -> Result<(), SignedError> {
+/// Checks that `s` was signed by `node_id`'s key under `context`.
+pub(crate) fn check(context: &[u8], s: &SignedCatalog, node_id: NodeId) -> Result<(), SignedError> {
     if node_id_of_key(&s.key) != node_id {
         return Err(SignedError::KeyMismatch(node_id));
     }

@@ -1,0 +1,1044 @@
+//! Routing on a measured graph: which instance of a service, and which path (direct or through
+//! relays) to reach it. No I/O, no clock: the driver (`node/routing.rs`) feeds measurements and
+//! membership and asks for decisions, passing tokio's `Instant`.
+//!
+//! * **Measurements.** Own links: RTT and loss from probes (and QUIC's path statistics, when a
+//!   connection is open), with a liveness verdict: `probe_misses` probes in a row unanswered
+//!   mark the link down. Other peers' links come from their signed [`RouteSummary`]s; a link
+//!   is expressed only by its ends, and when both ends report it the worse report counts (a
+//!   liar can make a link of its own look bad, never better than its other end says).
+//! * **Coordinates.** Vivaldi ([`vivaldi`]) estimates RTT to members never measured, so a
+//!   never-contacted instance still gets a cost.
+//! * **Graph.** `petgraph` holds peers and links; costs are `rtt · (1 + loss_weight · loss)`
+//!   plus, for a relay, a fixed hop cost and its load. Paths are searched with at most
+//!   `max_relays` relays (a hop-bounded relaxation over the graph's edges, since Dijkstra
+//!   cannot bound hops) and cached until the graph changes.
+//! * **Choice.** Instances: power of two choices over a peak-EWMA score in the spirit of
+//!   linkerd2-proxy (`(path cost + service time) · (outstanding + 1)`), a penalty for peers whose
+//!   direct link is down, and a ramp for recovered peers. Paths: hysteresis — the current path
+//!   is kept until another is better by `switch_ratio` and `switch_min_ms` both, or breaks.
+
+pub mod summary;
+pub mod vivaldi;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use petgraph::graph::{NodeIndex, UnGraph};
+use petgraph::visit::EdgeRef;
+use serde::Serialize;
+use tokio::time::Instant;
+
+use crate::identity::{NodeId, NodeIdStr};
+use crate::wire::{CatalogVersion, LinkReport, LoadReport, RouteSummary, MAX_ROUTE_LINKS};
+use vivaldi::{Coord, VivaldiConfig};
+
+/// Routing settings (the daemon's `[routing]` table).
+#[derive(Clone, Debug)]
+pub struct RoutingConfig {
+    /// Most relays on a path (0: direct only). Default 2.
+    pub max_relays: usize,
+    /// Whether this peer relays streams for others. Default true.
+    pub relay: bool,
+    /// Most streams relayed at once. Default 256.
+    pub max_relayed: usize,
+    /// Most streams relayed at once for one origin. Default 32.
+    pub max_relayed_per_origin: usize,
+    /// Probe period of links in use. Default 200 ms.
+    pub probe_interval: Duration,
+    /// Unanswered probes in a row that mark a link down. Default 4.
+    pub probe_misses: u32,
+    /// How long a peer stays "in use" (probed) after its last request. Default 10 s.
+    pub in_use: Duration,
+    /// Peers kept probed even when idle (relay candidates), lowest estimated RTT first.
+    /// Default 4.
+    pub neighbours: usize,
+    /// A summary older than this is ignored. Default 30 s.
+    pub summary_ttl: Duration,
+    /// How often this peer signs and gossips its summary. Default 2 s.
+    pub summary_interval: Duration,
+    /// Cost of 100% loss relative to RTT. Default 10 (1% loss: +10%).
+    pub loss_weight: f64,
+    /// Fixed cost of a relay hop, ms (copying, end-to-end TLS). Default 1 ms.
+    pub relay_hop_ms: f64,
+    /// Cost of each stream a peer serves or relays, ms. Default 0.05 ms.
+    pub load_ms_per_stream: f64,
+    /// A new path must be cheaper than `switch_ratio` × the current one... Default 0.8.
+    pub switch_ratio: f64,
+    /// ...and cheaper by at least this much, ms. Default 2 ms.
+    pub switch_min_ms: f64,
+    /// Score multiplier of a peer whose direct link is down. Default 4.
+    pub suspect_penalty: f64,
+    /// A recovered peer's score starts at ×(1 + ramp_penalty) and falls to ×1 over `recovery`.
+    pub ramp_penalty: f64,
+    /// See `ramp_penalty`. Default 10 s.
+    pub recovery: Duration,
+    /// Decay time of the peak-EWMA service-time estimate. Default 10 s.
+    pub ewma_decay: Duration,
+    /// Longest wait for a first response byte before the request is retried elsewhere (a
+    /// path or instance found dead aborts the wait at once). Default 30 s.
+    pub first_byte_timeout: Duration,
+    /// Most attempts of one request that has received no byte (1: no retry). Default 3.
+    pub max_attempts: u32,
+    /// Cost of a never-measured direct link whose far end has no coordinate yet, ms.
+    pub unknown_rtt_ms: f64,
+    /// Vivaldi tuning.
+    pub vivaldi: VivaldiConfig,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        Self {
+            max_relays: 2,
+            relay: true,
+            max_relayed: 256,
+            max_relayed_per_origin: 32,
+            probe_interval: Duration::from_millis(200),
+            probe_misses: 4,
+            in_use: Duration::from_secs(10),
+            neighbours: 4,
+            summary_ttl: Duration::from_secs(30),
+            summary_interval: Duration::from_secs(2),
+            loss_weight: 10.0,
+            relay_hop_ms: 1.0,
+            load_ms_per_stream: 0.05,
+            switch_ratio: 0.8,
+            switch_min_ms: 2.0,
+            suspect_penalty: 4.0,
+            ramp_penalty: 3.0,
+            recovery: Duration::from_secs(10),
+            ewma_decay: Duration::from_secs(10),
+            first_byte_timeout: Duration::from_secs(30),
+            max_attempts: 3,
+            unknown_rtt_ms: 100.0,
+            vivaldi: VivaldiConfig::default(),
+        }
+    }
+}
+
+/// A path to a destination.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Path {
+    /// Relays in order (empty: direct).
+    pub relays: Vec<NodeId>,
+    /// The destination.
+    pub dest: NodeId,
+    /// Expected RTT of the path with penalties, ms.
+    pub cost_ms: f64,
+    /// Whether some link on it is only estimated (coordinates), not measured.
+    pub estimated: bool,
+}
+
+/// The instance chosen for a request, and how to reach it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Choice {
+    /// The provider.
+    pub provider: NodeId,
+    /// The path.
+    pub path: Path,
+    /// Its score (lower is better).
+    pub score: f64,
+}
+
+#[derive(Clone, Debug)]
+struct LocalLink {
+    srtt_ms: f64,
+    loss: f64,
+    samples: u64,
+    /// Outstanding probe: nonce, sent at.
+    probe: Option<(u64, Instant)>,
+    misses: u32,
+    down: bool,
+    /// When the link last came back up (after being down).
+    up_at: Option<Instant>,
+    /// QUIC counters seen last (lost, sent), for loss deltas.
+    quic: (u64, u64),
+    /// Times marked down (for reports).
+    downs: u64,
+    /// RTT the cached graph was built with (a change of >10% rebuilds it).
+    graph_ms: f64,
+}
+
+impl LocalLink {
+    fn new() -> Self {
+        Self {
+            srtt_ms: 0.0,
+            loss: 0.0,
+            samples: 0,
+            probe: None,
+            misses: 0,
+            down: false,
+            up_at: None,
+            quic: (0, 0),
+            downs: 0,
+            graph_ms: 0.0,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Member {
+    summary: Option<(RouteSummary, Instant)>,
+    /// Last use for a request (probed while recent).
+    used: Option<Instant>,
+}
+
+#[derive(Clone, Debug, Default)]
+struct Service {
+    /// Peak-EWMA of time to first byte minus path cost, ms.
+    serve_ms: f64,
+    at: Option<Instant>,
+    outstanding: u32,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Edge {
+    cost: f64,
+    estimated: bool,
+}
+
+/// Shortest paths from this peer with a bounded number of relays.
+#[derive(Debug, Default)]
+struct Tree {
+    index: HashMap<NodeId, NodeIndex>,
+    ids: Vec<NodeId>,
+    /// `cost[h][v]`: cheapest cost to v in at most h hops; `parent[h][v]` its predecessor,
+    /// whether that link is estimated, and the layer the predecessor's cost is read from.
+    cost: Vec<Vec<f64>>,
+    parent: Vec<Vec<Option<(usize, bool, usize)>>>,
+}
+
+/// What a probe tick asks the driver to send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProbeSend {
+    /// To whom.
+    pub peer: NodeId,
+    /// Nonce to put in the probe.
+    pub nonce: u64,
+}
+
+/// Events of a probe tick.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Tick {
+    /// Probes to send.
+    pub probes: Vec<ProbeSend>,
+    /// Links that were just marked down.
+    pub down: Vec<NodeId>,
+}
+
+/// The router of one peer.
+#[derive(Debug)]
+pub struct Router {
+    me: NodeId,
+    generation: u64,
+    cfg: RoutingConfig,
+    coord: Coord,
+    members: HashMap<NodeId, Member>,
+    links: HashMap<NodeId, LocalLink>,
+    services: HashMap<NodeId, Service>,
+    routes: HashMap<NodeId, Vec<NodeId>>,
+    load: LoadReport,
+    tree: Option<Tree>,
+    seq: u64,
+    nonce: u64,
+    switches: u64,
+}
+
+impl Router {
+    /// A router for peer `me` (in run `generation`).
+    pub fn new(me: NodeId, generation: u64, cfg: RoutingConfig) -> Self {
+        Self {
+            me,
+            generation,
+            cfg,
+            coord: Coord::default(),
+            members: HashMap::new(),
+            links: HashMap::new(),
+            services: HashMap::new(),
+            routes: HashMap::new(),
+            load: LoadReport::default(),
+            tree: None,
+            seq: 0,
+            nonce: u64::from_le_bytes(me.as_bytes()[..8].try_into().unwrap_or([0; 8])),
+            switches: 0,
+        }
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &RoutingConfig {
+        &self.cfg
+    }
+
+    /// This peer's coordinate.
+    pub fn coord(&self) -> Coord {
+        self.coord
+    }
+
+    /// Route switches made so far (hysteresis at work: each is a changed path).
+    pub fn switches(&self) -> u64 {
+        self.switches
+    }
+
+    fn invalidate(&mut self) {
+        self.tree = None;
+    }
+
+    /// Membership says `peer` is alive.
+    pub fn member_up(&mut self, peer: NodeId) {
+        if peer == self.me {
+            return;
+        }
+        if let std::collections::hash_map::Entry::Vacant(e) = self.members.entry(peer) {
+            e.insert(Member {
+                summary: None,
+                used: None,
+            });
+            self.invalidate();
+        }
+    }
+
+    /// Membership says `peer` is down (or left): it leaves the graph with its links.
+    pub fn member_down(&mut self, peer: NodeId) {
+        if self.members.remove(&peer).is_some() {
+            self.links.remove(&peer);
+            self.services.remove(&peer);
+            self.routes.retain(|d, r| *d != peer && !r.contains(&peer));
+            self.invalidate();
+        }
+    }
+
+    /// Whether `peer` is a member the router knows.
+    pub fn is_member(&self, peer: &NodeId) -> bool {
+        self.members.contains_key(peer)
+    }
+
+    /// Whether our direct link to `peer` is marked down.
+    pub fn link_down(&self, peer: &NodeId) -> bool {
+        self.links.get(peer).is_some_and(|l| l.down)
+    }
+
+    /// Our own load, for the next summary.
+    pub fn set_load(&mut self, load: LoadReport) {
+        self.load = load;
+    }
+
+    /// `peer` was used for a request now: keep its link probed.
+    pub fn touch(&mut self, peer: NodeId, now: Instant) {
+        if let Some(m) = self.members.get_mut(&peer) {
+            m.used = Some(now);
+        }
+    }
+
+    /// An RTT sample; `alive` when it proves the peer answers now (a probe answer; QUIC's
+    /// smoothed RTT of a dead peer's connection stays put, so it proves nothing).
+    fn sample(&mut self, peer: NodeId, rtt_ms: f64, now: Instant, alive: bool) -> bool {
+        let Some(_) = self.members.get(&peer) else {
+            return false;
+        };
+        let l = self.links.entry(peer).or_insert_with(LocalLink::new);
+        let structural = l.samples == 0 || (alive && l.down);
+        if l.samples == 0 {
+            l.srtt_ms = rtt_ms;
+        } else {
+            l.srtt_ms = 0.875 * l.srtt_ms + 0.125 * rtt_ms;
+        }
+        l.samples += 1;
+        let moved = (l.srtt_ms - l.graph_ms).abs() > 0.1 * l.graph_ms.max(0.1);
+        if moved {
+            l.graph_ms = l.srtt_ms;
+        }
+        let structural = structural || moved;
+        if alive {
+            l.misses = 0;
+            if l.down {
+                l.down = false;
+                l.up_at = Some(now);
+            }
+        }
+        if structural {
+            self.invalidate();
+        }
+        true
+    }
+
+    /// A probe answer arrived from `peer` (with its coordinate).
+    pub fn on_probe_ack(&mut self, peer: NodeId, nonce: u64, remote: Coord, now: Instant) {
+        let Some(l) = self.links.get_mut(&peer) else {
+            return;
+        };
+        let Some((n, sent)) = l.probe else {
+            return;
+        };
+        if n != nonce {
+            return;
+        }
+        l.probe = None;
+        l.loss *= 0.95;
+        let rtt = (now - sent).as_secs_f64() * 1000.0;
+        if self.sample(peer, rtt.max(0.001), now, true) {
+            let salt =
+                self.nonce ^ u64::from_le_bytes(peer.as_bytes()[..8].try_into().unwrap_or([0; 8]));
+            self.coord
+                .update(&self.cfg.vivaldi, &remote, rtt.max(0.001), salt);
+        }
+    }
+
+    /// An RTT sample from QUIC's path statistics on an open connection to `peer`, with its
+    /// packet counters (for loss).
+    pub fn on_quic_stats(
+        &mut self,
+        peer: NodeId,
+        rtt: Duration,
+        lost: u64,
+        sent: u64,
+        now: Instant,
+    ) {
+        if rtt.is_zero() || !self.members.contains_key(&peer) {
+            return;
+        }
+        let l = self.links.entry(peer).or_insert_with(LocalLink::new);
+        let (pl, ps) = l.quic;
+        if sent > ps + 20 {
+            let frac = (lost.saturating_sub(pl)) as f64 / (sent - ps) as f64;
+            l.loss = 0.8 * l.loss + 0.2 * frac.min(1.0);
+            l.quic = (lost, sent);
+        } else if sent < ps {
+            l.quic = (lost, sent);
+        }
+        if !l.down {
+            self.sample(peer, rtt.as_secs_f64() * 1000.0, now, false);
+        }
+    }
+
+    /// Which links to probe now; marks links down whose probes went unanswered. Call every
+    /// `probe_interval`.
+    pub fn tick(&mut self, now: Instant) -> Tick {
+        let mut out = Tick::default();
+        // In use, on a current path, or a neighbour.
+        let mut want: HashSet<NodeId> = HashSet::new();
+        for (id, m) in &self.members {
+            if m.used
+                .is_some_and(|u| now.saturating_duration_since(u) < self.cfg.in_use)
+            {
+                want.insert(*id);
+            }
+        }
+        for r in self.routes.values() {
+            want.extend(r.iter().copied());
+        }
+        let mut near: Vec<(f64, NodeId)> = self
+            .members
+            .iter()
+            .filter(|(_, m)| m.summary.as_ref().is_some_and(|(s, _)| s.relays))
+            .map(|(id, _)| (self.direct_estimate(id).0, *id))
+            .collect();
+        near.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        want.extend(near.iter().take(self.cfg.neighbours).map(|(_, id)| *id));
+        let mut want: Vec<NodeId> = want.into_iter().collect();
+        want.sort();
+        let mut changed = false;
+        for peer in want {
+            let l = self.links.entry(peer).or_insert_with(LocalLink::new);
+            if let Some((_, sent)) = l.probe {
+                let wait = Duration::from_secs_f64((3.0 * l.srtt_ms / 1000.0).max(0.0))
+                    .max(self.cfg.probe_interval);
+                if now.saturating_duration_since(sent) < wait {
+                    continue;
+                }
+                l.probe = None;
+                l.misses += 1;
+                l.loss = 0.95 * l.loss + 0.05;
+                if l.misses >= self.cfg.probe_misses && !l.down {
+                    l.down = true;
+                    l.downs += 1;
+                    out.down.push(peer);
+                    changed = true;
+                }
+            }
+            self.nonce = self
+                .nonce
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            l.probe = Some((self.nonce, now));
+            out.probes.push(ProbeSend {
+                peer,
+                nonce: self.nonce,
+            });
+        }
+        // Forget links of peers no longer probed (keeps memory to what is in use).
+        if changed {
+            self.invalidate();
+        }
+        out
+    }
+
+    /// Evidence from a request: `peer` did not answer in time (or its stream broke before
+    /// any byte). Its link is marked down at once: new streams avoid it, probes bring it back.
+    pub fn on_request_failed(&mut self, peer: NodeId) -> bool {
+        let Some(l) = self.links.get_mut(&peer) else {
+            return false;
+        };
+        if l.down {
+            return false;
+        }
+        l.down = true;
+        l.downs += 1;
+        l.misses = self.cfg.probe_misses;
+        self.invalidate();
+        true
+    }
+
+    /// A request to `provider` started (outstanding count for the load score).
+    pub fn request_started(&mut self, provider: NodeId) {
+        self.services.entry(provider).or_default().outstanding += 1;
+    }
+
+    /// A request to `provider` ended; `first_byte` is its time to first byte when it got one.
+    pub fn request_ended(
+        &mut self,
+        provider: NodeId,
+        path_cost_ms: f64,
+        first_byte: Option<Duration>,
+        now: Instant,
+    ) {
+        let decay = self.cfg.ewma_decay.as_secs_f64();
+        let s = self.services.entry(provider).or_default();
+        s.outstanding = s.outstanding.saturating_sub(1);
+        if let Some(fb) = first_byte {
+            let serve = (fb.as_secs_f64() * 1000.0 - path_cost_ms).max(0.0);
+            let w =
+                s.at.map(|t| (-(now.saturating_duration_since(t).as_secs_f64()) / decay).exp())
+                    .unwrap_or(0.0);
+            // Peak-EWMA: jumps up at once, decays down slowly.
+            s.serve_ms = if serve > s.serve_ms {
+                serve
+            } else {
+                w * s.serve_ms + (1.0 - w) * serve
+            };
+            s.at = Some(now);
+        }
+    }
+
+    /// A signed summary, already verified, arrived. Returns whether it was new.
+    pub fn on_summary(&mut self, s: RouteSummary, now: Instant) -> bool {
+        if s.node_id == self.me {
+            return false;
+        }
+        let Some(m) = self.members.get_mut(&s.node_id) else {
+            return false;
+        };
+        if m.summary
+            .as_ref()
+            .is_some_and(|(old, _)| old.version >= s.version)
+        {
+            return false;
+        }
+        m.summary = Some((s, now));
+        self.invalidate();
+        true
+    }
+
+    /// The version a fresh summary of ours would carry, and whether there is one held for
+    /// `origin` at least as new as `v` (to skip verifying stale gossip).
+    pub fn has_summary(&self, origin: &NodeId, v: CatalogVersion) -> bool {
+        self.members
+            .get(origin)
+            .and_then(|m| m.summary.as_ref())
+            .is_some_and(|(s, _)| s.version >= v)
+    }
+
+    /// This peer's summary now: coordinate, load and its best measured live links.
+    pub fn local_summary(&mut self) -> RouteSummary {
+        self.seq += 1;
+        let mut links: Vec<LinkReport> = self
+            .links
+            .iter()
+            .filter(|(id, l)| l.samples > 0 && !l.down && self.members.contains_key(id))
+            .map(|(id, l)| LinkReport {
+                peer: *id,
+                rtt_us: (l.srtt_ms * 1000.0).clamp(1.0, u32::MAX as f64) as u32,
+                loss_ppm: (l.loss * 1e6).clamp(0.0, 1e6) as u32,
+            })
+            .collect();
+        links.sort_by(|a, b| a.rtt_us.cmp(&b.rtt_us).then(a.peer.cmp(&b.peer)));
+        links.truncate(MAX_ROUTE_LINKS);
+        RouteSummary {
+            node_id: self.me,
+            version: CatalogVersion {
+                generation: self.generation,
+                seq: self.seq,
+            },
+            coord: self.coord,
+            load: self.load,
+            relays: self.cfg.relay,
+            links,
+        }
+    }
+
+    fn fresh_summary(&self, id: &NodeId, now: Instant) -> Option<&RouteSummary> {
+        self.members
+            .get(id)?
+            .summary
+            .as_ref()
+            .filter(|(_, at)| now.saturating_duration_since(*at) < self.cfg.summary_ttl)
+            .map(|(s, _)| s)
+    }
+
+    /// Estimated direct RTT to `id` (ms) and whether it is only estimated.
+    fn direct_estimate(&self, id: &NodeId) -> (f64, bool) {
+        if let Some(l) = self.links.get(id).filter(|l| l.samples > 0) {
+            return (l.srtt_ms * (1.0 + self.cfg.loss_weight * l.loss), false);
+        }
+        match self.members.get(id).and_then(|m| m.summary.as_ref()) {
+            Some((s, _)) if self.coord.error < 1.0 && s.coord.error < 1.0 => {
+                (self.coord.distance_ms(&s.coord), true)
+            }
+            _ => (self.cfg.unknown_rtt_ms, true),
+        }
+    }
+
+    /// Estimated RTT to `id`, ms (measured if we have it, else coordinates): lets
+    /// pre-authentication and instance choice rank peers never contacted.
+    pub fn estimate_ms(&self, id: &NodeId) -> f64 {
+        self.direct_estimate(id).0
+    }
+
+    fn relay_cost(&self, id: &NodeId, now: Instant) -> Option<f64> {
+        let s = self.fresh_summary(id, now)?;
+        if !s.relays {
+            return None;
+        }
+        Some(
+            self.cfg.relay_hop_ms
+                + f64::from(s.load.relaying + s.load.serving) * self.cfg.load_ms_per_stream,
+        )
+    }
+
+    fn build(&self, now: Instant) -> Tree {
+        let mut g: UnGraph<NodeId, Edge> = UnGraph::default();
+        let mut index = HashMap::new();
+        let mut ids = Vec::new();
+        let me = g.add_node(self.me);
+        index.insert(self.me, me);
+        ids.push(self.me);
+        let mut members: Vec<&NodeId> = self.members.keys().collect();
+        members.sort();
+        for id in &members {
+            let ix = g.add_node(**id);
+            index.insert(**id, ix);
+            ids.push(**id);
+        }
+        // Our own links: measured, else estimated (any member can be dialled directly).
+        for id in &members {
+            if self.link_down(id) {
+                continue;
+            }
+            let (cost, estimated) = self.direct_estimate(id);
+            g.add_edge(me, index[*id], Edge { cost, estimated });
+        }
+        // Reported links between other peers; the worse of two reports counts.
+        let mut reported: HashMap<(NodeId, NodeId), f64> = HashMap::new();
+        for id in &members {
+            let Some(s) = self.fresh_summary(id, now) else {
+                continue;
+            };
+            for l in &s.links {
+                if l.peer == self.me || !index.contains_key(&l.peer) {
+                    continue;
+                }
+                let cost = f64::from(l.rtt_us) / 1000.0
+                    * (1.0 + self.cfg.loss_weight * f64::from(l.loss_ppm) / 1e6);
+                let key = if **id < l.peer {
+                    (**id, l.peer)
+                } else {
+                    (l.peer, **id)
+                };
+                let e = reported.entry(key).or_insert(cost);
+                *e = e.max(cost);
+            }
+        }
+        let mut keys: Vec<_> = reported.into_iter().collect();
+        keys.sort_by_key(|k| k.0);
+        for ((a, b), cost) in keys {
+            g.add_edge(
+                index[&a],
+                index[&b],
+                Edge {
+                    cost,
+                    estimated: false,
+                },
+            );
+        }
+        // Hop-bounded relaxation: layer h holds the best cost with at most h hops.
+        let n = g.node_count();
+        let hops = self.cfg.max_relays + 1;
+        let relay: Vec<Option<f64>> = ids
+            .iter()
+            .map(|id| {
+                if *id == self.me {
+                    None
+                } else {
+                    self.relay_cost(id, now)
+                }
+            })
+            .collect();
+        let mut cost = vec![vec![f64::INFINITY; n]; hops + 1];
+        let mut parent: Vec<Vec<Option<(usize, bool, usize)>>> = vec![vec![None; n]; hops + 1];
+        cost[0][me.index()] = 0.0;
+        let mut frontier = vec![me];
+        for h in 1..=hops {
+            let (before, after) = cost.split_at_mut(h);
+            let prev = &before[h - 1];
+            let cur = &mut after[0];
+            cur.copy_from_slice(prev);
+            parent[h] = parent[h - 1].clone();
+            let mut next = Vec::new();
+            for &u in &frontier {
+                let du = prev[u.index()];
+                // Only this peer and relays forward.
+                let extra = if u == me {
+                    0.0
+                } else {
+                    match relay[u.index()] {
+                        Some(c) => c,
+                        None => continue,
+                    }
+                };
+                for e in g.edges(u) {
+                    let v = if e.source() == u {
+                        e.target()
+                    } else {
+                        e.source()
+                    };
+                    if v == me {
+                        continue;
+                    }
+                    let c = du + extra + e.weight().cost;
+                    if c < cur[v.index()] {
+                        cur[v.index()] = c;
+                        parent[h][v.index()] = Some((u.index(), e.weight().estimated, h - 1));
+                        next.push(v);
+                    }
+                }
+            }
+            next.sort();
+            next.dedup();
+            frontier = next;
+        }
+        Tree {
+            index,
+            ids,
+            cost,
+            parent,
+        }
+    }
+
+    fn tree(&mut self, now: Instant) -> &Tree {
+        if self.tree.is_none() {
+            self.tree = Some(self.build(now));
+        }
+        self.tree.get_or_insert_with(Tree::default)
+    }
+
+    /// The cheapest path to `dest` in the current graph (no hysteresis).
+    fn best_path(&mut self, dest: NodeId, now: Instant) -> Option<Path> {
+        let tree = self.tree(now);
+        let v = *tree.index.get(&dest)?;
+        let h = tree.cost.len() - 1;
+        let total = tree.cost[h][v.index()];
+        if !total.is_finite() {
+            return None;
+        }
+        // Walk back through the layers.
+        let mut relays = Vec::new();
+        let mut estimated = false;
+        let mut at = v.index();
+        let mut layer = h;
+        while let Some((p, est, from)) = tree.parent[layer][at] {
+            estimated |= est;
+            if p == 0 {
+                break;
+            }
+            relays.push(tree.ids[p]);
+            at = p;
+            layer = from;
+        }
+        relays.reverse();
+        Some(Path {
+            relays,
+            dest,
+            cost_ms: total,
+            estimated,
+        })
+    }
+
+    /// Cost of a given path in the current graph, if all its links still exist.
+    fn path_cost(&self, relays: &[NodeId], dest: NodeId, now: Instant) -> Option<f64> {
+        let mut prev = self.me;
+        let mut total = 0.0;
+        for hop in relays.iter().chain(std::iter::once(&dest)) {
+            if !self.members.contains_key(hop) {
+                return None;
+            }
+            let c = if prev == self.me {
+                if self.link_down(hop) {
+                    return None;
+                }
+                self.direct_estimate(hop).0
+            } else {
+                total += self.relay_cost(&prev, now)?;
+                self.reported(&prev, hop, now)?
+            };
+            total += c;
+            prev = *hop;
+        }
+        Some(total)
+    }
+
+    fn reported(&self, a: &NodeId, b: &NodeId, now: Instant) -> Option<f64> {
+        let one = |x: &NodeId, y: &NodeId| {
+            self.fresh_summary(x, now)?
+                .links
+                .iter()
+                .find(|l| l.peer == *y)
+                .map(|l| {
+                    f64::from(l.rtt_us) / 1000.0
+                        * (1.0 + self.cfg.loss_weight * f64::from(l.loss_ppm) / 1e6)
+                })
+        };
+        match (one(a, b), one(b, a)) {
+            (Some(x), Some(y)) => Some(x.max(y)),
+            (x, y) => x.or(y),
+        }
+    }
+
+    /// The path to use to `dest`: the current one unless a clearly better one exists or it
+    /// broke (hysteresis).
+    pub fn route(&mut self, dest: NodeId, now: Instant) -> Option<Path> {
+        let best = self.best_path(dest, now)?;
+        if let Some(cur) = self.routes.get(&dest).cloned() {
+            if cur == best.relays {
+                return Some(best);
+            }
+            if let Some(c) = self.path_cost(&cur, dest, now) {
+                let better = best.cost_ms < c * self.cfg.switch_ratio
+                    && c - best.cost_ms > self.cfg.switch_min_ms;
+                if !better {
+                    return Some(Path {
+                        relays: cur,
+                        dest,
+                        cost_ms: c,
+                        estimated: best.estimated,
+                    });
+                }
+            }
+            self.switches += 1;
+        }
+        self.routes.insert(dest, best.relays.clone());
+        Some(best)
+    }
+
+    fn ramp(&self, id: &NodeId, now: Instant) -> f64 {
+        let Some(up) = self.links.get(id).and_then(|l| l.up_at) else {
+            return 1.0;
+        };
+        let t = now.saturating_duration_since(up).as_secs_f64();
+        let r = self.cfg.recovery.as_secs_f64();
+        if t >= r || r <= 0.0 {
+            1.0
+        } else {
+            1.0 + self.cfg.ramp_penalty * (1.0 - t / r)
+        }
+    }
+
+    fn score(&mut self, provider: NodeId, now: Instant) -> Option<Choice> {
+        // No path at all (its direct link suspected, no relay): try it directly anyway, at
+        // the suspect's price — it may have recovered, and it is the only way left.
+        let path = match self.route(provider, now) {
+            Some(p) => p,
+            None if self.members.contains_key(&provider) => Path {
+                relays: Vec::new(),
+                dest: provider,
+                cost_ms: self.direct_estimate(&provider).0,
+                estimated: true,
+            },
+            None => return None,
+        };
+        let s = self.services.get(&provider).cloned().unwrap_or_default();
+        let reported = self
+            .fresh_summary(&provider, now)
+            .map(|x| {
+                f64::from(x.load.backend_us) / 1000.0
+                    + f64::from(x.load.serving) * self.cfg.load_ms_per_stream
+            })
+            .unwrap_or(0.0);
+        let serve = if s.at.is_some() { s.serve_ms } else { reported };
+        let mut score = (path.cost_ms + serve) * f64::from(s.outstanding + 1);
+        if self.link_down(&provider) {
+            score *= self.cfg.suspect_penalty;
+        }
+        score *= self.ramp(&provider, now);
+        Some(Choice {
+            provider,
+            path,
+            score,
+        })
+    }
+
+    /// Chooses an instance among `providers` (not in `exclude`) and its path: power of two
+    /// choices on the score; `pick` draws random indices (the driver's seeded RNG).
+    pub fn choose(
+        &mut self,
+        providers: &[NodeId],
+        exclude: &[NodeId],
+        now: Instant,
+        mut pick: impl FnMut(usize) -> usize,
+    ) -> Option<Choice> {
+        let live: Vec<NodeId> = providers
+            .iter()
+            .copied()
+            .filter(|p| *p != self.me && self.members.contains_key(p) && !exclude.contains(p))
+            .collect();
+        // Prefer instances whose direct link is up; a suspected one only if nothing else is.
+        let healthy: Vec<NodeId> = live
+            .iter()
+            .copied()
+            .filter(|p| !self.link_down(p))
+            .collect();
+        let pool = if healthy.is_empty() { live } else { healthy };
+        match pool.len() {
+            0 => None,
+            1 => self.score(pool[0], now),
+            2 => {
+                let a = self.score(pool[0], now);
+                let b = self.score(pool[1], now);
+                best_of(a, b)
+            }
+            n => {
+                let i = pick(n);
+                let mut j = pick(n - 1);
+                if j >= i {
+                    j += 1;
+                }
+                let a = self.score(pool[i], now);
+                let b = self.score(pool[j], now);
+                best_of(a, b)
+            }
+        }
+    }
+
+    /// How long to wait for the first byte on `choice` before retrying elsewhere.
+    ///
+    /// Fixed, not adaptive: a slow backend must not be mistaken for a dead one (that would
+    /// repeat requests). Dead paths are found by probes and membership, which abort the wait.
+    pub fn first_byte_timeout(&self, _choice: &Choice) -> Duration {
+        self.cfg.first_byte_timeout
+    }
+
+    /// The operator view (`GET /v1/routes`).
+    pub fn view(&mut self, now: Instant) -> RoutesView {
+        let mut peers: Vec<PeerRoute> = Vec::new();
+        let mut ids: Vec<NodeId> = self.members.keys().copied().collect();
+        ids.sort();
+        for id in ids {
+            let path = self.best_path(id, now);
+            let cur = self.routes.get(&id).cloned();
+            let l = self.links.get(&id);
+            let m = &self.members[&id];
+            peers.push(PeerRoute {
+                node_id: NodeIdStr(id),
+                rtt_ms: l.filter(|l| l.samples > 0).map(|l| round3(l.srtt_ms)),
+                loss: l.map(|l| round3(l.loss)).unwrap_or(0.0),
+                link_down: l.is_some_and(|l| l.down),
+                downs: l.map(|l| l.downs).unwrap_or(0),
+                estimated_rtt_ms: round3(self.estimate_ms(&id)),
+                load: self.fresh_summary(&id, now).map(|s| s.load),
+                relays: m.summary.as_ref().is_some_and(|(s, _)| s.relays),
+                reported_links: m.summary.as_ref().map(|(s, _)| s.links.len()).unwrap_or(0),
+                best: path.map(|p| RouteView {
+                    via: p.relays.iter().map(|r| NodeIdStr(*r)).collect(),
+                    cost_ms: round3(p.cost_ms),
+                    estimated: p.estimated,
+                }),
+                current_via: cur.map(|r| r.into_iter().map(NodeIdStr).collect()),
+            });
+        }
+        RoutesView {
+            node_id: NodeIdStr(self.me),
+            coord: self.coord,
+            max_relays: self.cfg.max_relays,
+            relays: self.cfg.relay,
+            switches: self.switches,
+            peers,
+        }
+    }
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+fn best_of(a: Option<Choice>, b: Option<Choice>) -> Option<Choice> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(if b.score < a.score { b } else { a }),
+        (a, b) => a.or(b),
+    }
+}
+
+/// `GET /v1/routes`.
+#[derive(Clone, Debug, Serialize)]
+pub struct RoutesView {
+    /// This peer.
+    pub node_id: NodeIdStr,
+    /// Its coordinate.
+    pub coord: Coord,
+    /// Most relays on a path.
+    pub max_relays: usize,
+    /// Whether it relays for others.
+    pub relays: bool,
+    /// Path switches so far.
+    pub switches: u64,
+    /// Every member with its link and path.
+    pub peers: Vec<PeerRoute>,
+}
+
+/// One member in [`RoutesView`].
+#[derive(Clone, Debug, Serialize)]
+pub struct PeerRoute {
+    /// The member.
+    pub node_id: NodeIdStr,
+    /// Measured RTT of our direct link, ms.
+    pub rtt_ms: Option<f64>,
+    /// Measured loss of our direct link.
+    pub loss: f64,
+    /// Our direct link is marked down.
+    pub link_down: bool,
+    /// Times it was marked down.
+    pub downs: u64,
+    /// RTT estimate (measured, else coordinates), ms.
+    pub estimated_rtt_ms: f64,
+    /// Its reported load.
+    pub load: Option<LoadReport>,
+    /// Whether it relays.
+    pub relays: bool,
+    /// Links in its summary.
+    pub reported_links: usize,
+    /// Cheapest path now.
+    pub best: Option<RouteView>,
+    /// Path in use (hysteresis), if any.
+    pub current_via: Option<Vec<NodeIdStr>>,
+}
+
+/// A path in [`RoutesView`].
+#[derive(Clone, Debug, Serialize)]
+pub struct RouteView {
+    /// Relays, in order.
+    pub via: Vec<NodeIdStr>,
+    /// Cost, ms.
+    pub cost_ms: f64,
+    /// Some link only estimated.
+    pub estimated: bool,
+}
+
+#[cfg(test)]
+mod tests;
