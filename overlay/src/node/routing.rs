@@ -783,20 +783,34 @@ pub(super) async fn serve_relay(
     };
     stats::inc(&inner.stats.relayed_streams);
     // Copy ciphertext both ways; a reset on one side is passed on with its code.
-    let up = splice(recv, nsend);
-    let down = splice(nrecv, send);
+    let tap = lock(&inner.routing.router).config().relay_tap.clone();
+    let up = splice(recv, nsend, tap.clone(), crate::routing::Direction::Forward);
+    let down = splice(nrecv, send, tap, crate::routing::Direction::Back);
     let (a, b) = tokio::join!(up, down);
     stats::add(&inner.stats.relayed_bytes, a + b);
 }
 
 /// Copies `from` into `to` until FIN; passes a reset on (as a reset of `to` with the same code).
-async fn splice(mut from: quinn::RecvStream, mut to: quinn::SendStream) -> u64 {
+async fn splice(
+    mut from: quinn::RecvStream,
+    mut to: quinn::SendStream,
+    tap: Option<crate::routing::RelayTap>,
+    dir: crate::routing::Direction,
+) -> u64 {
     let mut total = 0u64;
     loop {
         match from.read_chunk(64 * 1024, true).await {
             Ok(Some(chunk)) => {
                 total += chunk.bytes.len() as u64;
-                if to.write_all(&chunk.bytes).await.is_err() {
+                let bytes = match &tap {
+                    Some(t) => {
+                        let mut v = chunk.bytes.to_vec();
+                        (t.0)(dir, &mut v);
+                        Bytes::from(v)
+                    }
+                    None => chunk.bytes,
+                };
+                if to.write_all(&bytes).await.is_err() {
                     let _ = from.stop(VarInt::from_u32(code::RELAY_UNREACHABLE));
                     return total;
                 }
@@ -914,7 +928,15 @@ async fn serve_relayed_destination(
             stats::add(&inner.stats.bytes_sent, up);
             stats::add(&inner.stats.bytes_received, down);
         }
-        Err(e) => debug!(service, error = %e, "relayed stream ended with error"),
+        Err(e) => {
+            if e.kind() == std::io::ErrorKind::InvalidData {
+                // TLS record authentication failed: bytes were changed on the way.
+                stats::inc(&inner.stats.e2e_refused);
+                warn!(service, origin = %origin.fmt_short(), error = %e, "relayed stream tampered with; closed");
+            } else {
+                debug!(service, error = %e, "relayed stream ended with error");
+            }
+        }
     }
 }
 
@@ -946,4 +968,50 @@ async fn read_header<R: AsyncRead + Unpin>(r: &mut R) -> Result<StreamHeader, wi
 pub(super) fn view(inner: &Inner) -> serde_json::Value {
     let v = lock(&inner.routing.router).view(Instant::now());
     serde_json::to_value(v).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(i: u8) -> NodeId {
+        NodeId::from_spki(&[i])
+    }
+
+    #[test]
+    fn relay_paths_are_checked_for_loops_hops_and_forgery() {
+        let (o, r1, r2, r3, d) = (id(1), id(2), id(3), id(4), id(5));
+        // r1 relays o → d.
+        assert_eq!(check_relay_path(r1, o, &[d], &[o], 2), Ok(()));
+        // d is the destination of o → r1 → d.
+        assert_eq!(check_relay_path(d, r1, &[], &[o, r1], 2), Ok(()));
+        // The previous hop must be the sender.
+        assert_eq!(
+            check_relay_path(r1, r2, &[d], &[o], 2),
+            Err(code::RELAY_REFUSED)
+        );
+        // A loop: the path passes r1 twice, or comes back to the origin.
+        assert_eq!(
+            check_relay_path(r1, r2, &[d], &[o, r1, r2], 3),
+            Err(code::ROUTING_LOOP)
+        );
+        assert_eq!(
+            check_relay_path(r2, r1, &[o], &[o, r1], 3),
+            Err(code::ROUTING_LOOP)
+        );
+        assert_eq!(
+            check_relay_path(r1, o, &[d, d], &[o], 3),
+            Err(code::ROUTING_LOOP)
+        );
+        // Hop limit: three relays where two are allowed.
+        assert_eq!(
+            check_relay_path(r1, o, &[r2, r3, d], &[o], 2),
+            Err(code::HOP_LIMIT)
+        );
+        assert_eq!(check_relay_path(r1, o, &[r2, r3, d], &[o], 3), Ok(()));
+        assert_eq!(
+            check_relay_path(r3, r2, &[d], &[o, r1, r2], 2),
+            Err(code::HOP_LIMIT)
+        );
+    }
 }

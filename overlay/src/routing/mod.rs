@@ -84,6 +84,29 @@ pub struct RoutingConfig {
     pub unknown_rtt_ms: f64,
     /// Vivaldi tuning.
     pub vivaldi: VivaldiConfig,
+    /// Test hook: sees (and may change) every chunk this peer relays. Tests use it to play a
+    /// relay that reads or flips bytes; never set in production.
+    #[doc(hidden)]
+    pub relay_tap: Option<RelayTap>,
+}
+
+/// Direction of a relayed chunk, for [`RelayTap`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// From the origin towards the destination.
+    Forward,
+    /// Back towards the origin.
+    Back,
+}
+
+/// See [`RoutingConfig::relay_tap`].
+#[derive(Clone)]
+pub struct RelayTap(pub std::sync::Arc<dyn Fn(Direction, &mut Vec<u8>) + Send + Sync>);
+
+impl std::fmt::Debug for RelayTap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RelayTap")
+    }
 }
 
 impl Default for RoutingConfig {
@@ -112,6 +135,7 @@ impl Default for RoutingConfig {
             max_attempts: 3,
             unknown_rtt_ms: 100.0,
             vivaldi: VivaldiConfig::default(),
+            relay_tap: None,
         }
     }
 }
@@ -429,7 +453,7 @@ impl Router {
         let mut near: Vec<(f64, NodeId)> = self
             .members
             .iter()
-            .filter(|(_, m)| m.summary.as_ref().is_some_and(|(s, _)| s.relays))
+            .filter(|(_, m)| m.summary.as_ref().is_none_or(|(s, _)| s.relays))
             .map(|(id, _)| (self.direct_estimate(id).0, *id))
             .collect();
         near.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));

@@ -49,3 +49,96 @@ pub fn peek(
     let summary = wire::decode_route_summary(&s.body)?;
     Ok((summary.node_id, summary.version))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::{generate_ca, NodeIdentity, Validity};
+    use crate::routing::vivaldi::Coord;
+    use crate::wire::{CatalogVersion, LinkReport, LoadReport};
+
+    fn identity(name: &str) -> NodeIdentity {
+        let now = time::OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+        let ca = generate_ca("t", Validity::days_from(now, 10).unwrap()).unwrap();
+        NodeIdentity::issue(&ca, name, Validity::days_from(now, 10).unwrap()).unwrap()
+    }
+
+    fn body(origin: crate::identity::NodeId, peer: crate::identity::NodeId) -> RouteSummary {
+        RouteSummary {
+            node_id: origin,
+            version: CatalogVersion {
+                generation: 1,
+                seq: 1,
+            },
+            coord: Coord::default(),
+            load: LoadReport::default(),
+            relays: true,
+            links: vec![LinkReport {
+                peer,
+                rtt_us: 1000,
+                loss_ppm: 0,
+            }],
+        }
+    }
+
+    #[test]
+    fn summaries_verify_only_as_their_signers_own() {
+        let (a, b, c) = (identity("a"), identity("b"), identity("c"));
+        let sa = CatalogSigner::new(&a.key).unwrap();
+        let sb = CatalogSigner::new(&b.key).unwrap();
+        // a's own link to c: fine.
+        let ok = sign(&sa, &body(a.node_id(), c.node_id())).unwrap();
+        assert_eq!(verify(&ok).unwrap().node_id, a.node_id());
+        assert_eq!(peek(&ok).unwrap().0, a.node_id());
+        // b cannot sign a summary that speaks for c (a link b is not an end of).
+        assert!(matches!(
+            sign(&sb, &body(c.node_id(), a.node_id())),
+            Err(SignedError::KeyMismatch(_))
+        ));
+        // Nor pass one off by swapping the body under its own key and signature.
+        let forged_body = postcard::to_allocvec(&body(c.node_id(), a.node_id())).unwrap();
+        let mut forged = sign(&sb, &body(b.node_id(), a.node_id())).unwrap();
+        forged.body = forged_body;
+        assert!(matches!(verify(&forged), Err(SignedError::KeyMismatch(_))));
+        // A changed body under the right key fails the signature.
+        let mut tampered = ok.clone();
+        let mut s = verify(&ok).unwrap();
+        s.links[0].rtt_us = 1;
+        tampered.body = postcard::to_allocvec(&s).unwrap();
+        assert!(matches!(
+            verify(&tampered),
+            Err(SignedError::BadSignature(_))
+        ));
+        // A summary listing a link to itself is malformed.
+        let selfish = body(a.node_id(), a.node_id());
+        assert!(sign(&sa, &selfish).is_ok());
+        assert!(verify(&sign(&sa, &selfish).unwrap()).is_err());
+        // A catalog signature is no summary signature.
+        let cat = sa
+            .sign_snapshot(
+                CatalogVersion {
+                    generation: 1,
+                    seq: 1,
+                },
+                vec![],
+            )
+            .unwrap();
+        assert!(verify(&cat).is_err());
+    }
+
+    #[test]
+    fn gossip_framing_round_trips_and_refuses_garbage() {
+        let a = identity("a");
+        let sa = CatalogSigner::new(&a.key).unwrap();
+        let s = sign(&sa, &body(a.node_id(), identity("b").node_id())).unwrap();
+        let item = wire::encode_route_item(&s).unwrap();
+        let payload = wire::encode_gossip_items([item.as_slice(), item.as_slice()]);
+        let back = wire::decode_route_gossip(&payload).unwrap();
+        assert_eq!(back, vec![s.clone(), s]);
+        for n in 0..payload.len() {
+            let _ = wire::decode_route_gossip(&payload[..n]);
+        }
+        assert!(wire::decode_route_gossip(&[0, 0]).is_err());
+        assert!(wire::decode_route_gossip(&[0xff, 0xff, 1]).is_err());
+    }
+}
