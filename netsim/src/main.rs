@@ -77,9 +77,10 @@ enum Cmd {
     Run {
         #[command(flatten)]
         common: Common,
-        /// Peer configuration mode (default: shared, the daemon without pre-authentication).
-        #[arg(long, default_value = "shared")]
-        mode: String,
+        /// Peer configuration mode (default: the scenario's `mode`, else shared — the daemon
+        /// without pre-authentication).
+        #[arg(long)]
+        mode: Option<String>,
         /// Also write every request record as JSON lines here.
         #[arg(long)]
         records: Option<PathBuf>,
@@ -149,7 +150,7 @@ fn main() -> ExitCode {
                 Ok(sc) => sc,
                 Err(e) => return usage(&e),
             };
-            let mode = match Mode::from_name(&mode) {
+            let mode = match Mode::from_name(mode.as_deref().unwrap_or(&sc.mode)) {
                 Ok(m) => m,
                 Err(e) => return usage(&e),
             };

@@ -14,6 +14,9 @@
 //!   before each request) and keeps them at the deepest level: the floor.
 //! - `shared`: no engine at all: requests share one connection per provider peer, kept until
 //!   the idle timeout (meshd's flow before pre-authentication).
+//! - `routed`: no engine; each request goes through [`Node::exchange`]: the router picks the
+//!   instance and the path (direct or through relays, end-to-end encrypted) and retries a
+//!   request that got no byte on another instance or path when its own failed.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -38,6 +41,8 @@ pub enum Mode {
     Oracle,
     /// One shared connection per provider, kept until idle (no engine).
     Shared,
+    /// Requests through the router's exchange (instance and path choice, relays, retries).
+    Routed,
 }
 
 /// A mode name that does not exist.
@@ -50,8 +55,14 @@ pub struct UnknownMode {
 
 impl Mode {
     /// Every mode's name.
-    pub const NAMES: &'static [&'static str] =
-        &["reactive", "pool", "predictive", "oracle", "shared"];
+    pub const NAMES: &'static [&'static str] = &[
+        "reactive",
+        "pool",
+        "predictive",
+        "oracle",
+        "shared",
+        "routed",
+    ];
 
     /// The mode called `name`.
     pub fn from_name(name: &str) -> Result<Mode, UnknownMode> {
@@ -61,6 +72,7 @@ impl Mode {
             "predictive" => Ok(Mode::Predictive),
             "oracle" => Ok(Mode::Oracle),
             "shared" => Ok(Mode::Shared),
+            "routed" => Ok(Mode::Routed),
             _ => Err(UnknownMode {
                 name: name.to_owned(),
             }),
@@ -75,6 +87,7 @@ impl Mode {
             Mode::Predictive => "predictive",
             Mode::Oracle => "oracle",
             Mode::Shared => "shared",
+            Mode::Routed => "routed",
         }
     }
 
@@ -102,7 +115,7 @@ impl Mode {
             ..PreauthConfig::default()
         };
         config.preauth.engine = match self {
-            Mode::Shared => None,
+            Mode::Shared | Mode::Routed => None,
             Mode::Reactive => Some(PreauthConfig {
                 policy: Policy::Off,
                 budget: 0,

@@ -55,6 +55,14 @@ pub struct RequestRecord {
     pub through_cut: bool,
     /// Served by another provider than this client's previous request to this service.
     pub rerouted: bool,
+    /// `routed` mode: the instance the overlay tried first.
+    pub first_try: Option<usize>,
+    /// `routed` mode: the relays of the first attempt's path.
+    pub first_try_relays: Vec<usize>,
+    /// `routed` mode: the relays of the answering attempt's path.
+    pub relays: Vec<usize>,
+    /// `routed` mode: attempts inside the overlay (retries before the first byte).
+    pub overlay_attempts: u32,
 }
 
 fn opt_ms<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
@@ -247,6 +255,58 @@ pub struct Report {
     pub handshakes_per_request: f64,
     /// Bytes delivered on the network per request (all traffic: compare across modes).
     pub bytes_per_request: f64,
+    /// Per crash or leave: how long new requests were still sent into the dead peer (first
+    /// attempt's instance or relay), ms; p50 and max over the run's crashes.
+    pub reroute_ms: Reroute,
+    /// Requests that failed without any response byte.
+    pub failed_before_first_byte: u64,
+    /// Peers or links declared down although alive and reachable: membership false downs plus
+    /// routers' false link downs.
+    pub false_downs: u64,
+    /// Routing details.
+    pub routing: RoutingReport,
+}
+
+/// `reroute_ms`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct Reroute {
+    /// Median over crashes, ms.
+    pub p50: f64,
+    /// Worst crash, ms.
+    pub max: f64,
+}
+
+/// Routing details of a run.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct RoutingReport {
+    /// Each crash: peer, time, and reroute time in ms.
+    pub reroutes: Vec<RerouteEvent>,
+    /// Membership false downs (also in `membership`).
+    pub membership_false_downs: u64,
+    /// Routers' false link downs.
+    pub false_link_downs: u64,
+    /// Answered requests that went through relays.
+    pub relayed_requests: u64,
+    /// Answered requests that needed more than one attempt inside the overlay.
+    pub retried_in_overlay: u64,
+    /// Answered requests by serving peer.
+    pub served_by: BTreeMap<usize, u64>,
+    /// Answered requests by relay (a request through two relays counts for both).
+    pub relayed_by: BTreeMap<usize, u64>,
+}
+
+/// One crash's reroute.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct RerouteEvent {
+    /// The peer.
+    pub peer: usize,
+    /// When it crashed or left, s.
+    pub at_s: f64,
+    /// Last start of a request whose first attempt still went into it, minus `at_s`, ms (0:
+    /// none did).
+    pub ms: f64,
+    /// Requests whose first attempt went into it after the crash.
+    pub sent_into_dead: u64,
 }
 
 /// Inputs of [`Report::build`] besides the records.
@@ -276,6 +336,10 @@ pub struct RunFacts {
     pub net: NetStats,
     /// Memory.
     pub memory: Memory,
+    /// Links marked down by routers although neither end crashed nor was cut.
+    pub false_link_downs: u64,
+    /// Restarts: (peer, at s).
+    pub restarts: Vec<(usize, f64)>,
 }
 
 fn ms_of(d: Duration) -> f64 {
@@ -389,7 +453,63 @@ impl Report {
         let speculative = per_req(counter("preauth_speculative_handshakes"));
         let handshakes = per_req(counter("connections_dialed"));
         let bytes = per_req(facts.net.bytes_delivered);
+        // Reroutes: per crash, how long new requests kept going into the dead peer.
+        let mut reroutes = Vec::new();
+        for d in &facts.membership.crashes {
+            // Until it is back (its restart, if any).
+            let back = facts
+                .restarts
+                .iter()
+                .filter(|(p, at)| *p == d.peer && *at > d.at_s)
+                .map(|(_, at)| *at)
+                .fold(f64::INFINITY, f64::min);
+            let into: Vec<&RequestRecord> = records
+                .iter()
+                .filter(|r| {
+                    r.at_s >= d.at_s
+                        && r.at_s < back
+                        && (r.first_try == Some(d.peer) || r.first_try_relays.contains(&d.peer))
+                })
+                .collect();
+            let last = into.iter().map(|r| r.at_s).fold(d.at_s, f64::max);
+            reroutes.push(RerouteEvent {
+                peer: d.peer,
+                at_s: d.at_s,
+                ms: ((last - d.at_s) * 1e6).round() / 1e3,
+                sent_into_dead: into.len() as u64,
+            });
+        }
+        let mut rr: Vec<f64> = reroutes.iter().map(|e| e.ms).collect();
+        rr.sort_by(f64::total_cmp);
+        let reroute_ms = Reroute {
+            p50: rr.get(rr.len() / 2).copied().unwrap_or(0.0),
+            max: rr.last().copied().unwrap_or(0.0),
+        };
+        let mut served_by = BTreeMap::new();
+        let mut relayed_by = BTreeMap::new();
+        for r in &answered {
+            if let Some(s) = r.server {
+                *served_by.entry(s).or_default() += 1;
+            }
+            for h in &r.relays {
+                *relayed_by.entry(*h).or_default() += 1;
+            }
+        }
+        let routing = RoutingReport {
+            reroutes,
+            membership_false_downs: facts.membership.false_downs,
+            false_link_downs: facts.false_link_downs,
+            relayed_requests: answered.iter().filter(|r| !r.relays.is_empty()).count() as u64,
+            retried_in_overlay: answered.iter().filter(|r| r.overlay_attempts > 1).count() as u64,
+            served_by,
+            relayed_by,
+        };
         Report {
+            reroute_ms,
+            failed_before_first_byte: records.iter().filter(|r| r.first_byte.is_none()).count()
+                as u64,
+            false_downs: facts.membership.false_downs + facts.false_link_downs,
+            routing,
             hit_rate,
             served,
             waste,

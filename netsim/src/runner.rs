@@ -135,6 +135,8 @@ struct Backends {
     request_bytes: usize,
     response_bytes: usize,
     service_time: Duration,
+    /// Peers with a slower backend.
+    slow: HashMap<usize, Duration>,
     /// Wire request id → the peer whose backend answered it.
     served: Mutex<HashMap<u64, usize>>,
 }
@@ -162,8 +164,13 @@ impl BackendConnector for SimBackend {
                 let mut id = [0u8; 8];
                 id.copy_from_slice(&req[..8]);
                 lock(&shared.served).insert(u64::from_be_bytes(id), peer);
-                if !shared.service_time.is_zero() {
-                    tokio::time::sleep(shared.service_time).await;
+                let think = shared
+                    .slow
+                    .get(&peer)
+                    .copied()
+                    .unwrap_or(shared.service_time);
+                if !think.is_zero() {
+                    tokio::time::sleep(think).await;
                 }
                 let resp = vec![0x5a; shared.response_bytes.max(1)];
                 if w.write_all(&resp).await.is_ok() {
@@ -184,6 +191,8 @@ struct Sim {
     net: SimNet,
     start: Instant,
     identities: Vec<NodeIdentity>,
+    /// Node id → peer index.
+    index_of: HashMap<overlay::identity::NodeId, usize>,
     services: Vec<String>,
     placement: Vec<Vec<usize>>,
     backends: Arc<Backends>,
@@ -303,6 +312,18 @@ impl Sim {
             cfg.auth.limits.per_caller_service = wide;
             cfg.auth.limits.per_service = wide;
         }
+        let r = &self.sc.routing;
+        cfg.routing = overlay::routing::RoutingConfig {
+            max_relays: r.max_relays,
+            relay: r.relays.is_empty() || r.relays.contains(&i),
+            probe_interval: Duration::from_millis(r.probe_interval_ms.max(1)),
+            probe_misses: r.probe_misses.max(1),
+            summary_interval: Duration::from_millis(r.summary_interval_ms.max(1)),
+            neighbours: r.neighbours,
+            max_attempts: r.max_attempts.max(1),
+            switch_ratio: r.switch_ratio,
+            ..overlay::routing::RoutingConfig::default()
+        };
         self.mode
             .configure(&self.sc.preauth, &self.services, &mut cfg);
         cfg
@@ -348,6 +369,11 @@ async fn simulate(
         mode,
         start: net.epoch(),
         net,
+        index_of: identities
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (id.node_id(), i))
+            .collect(),
         identities,
         services: (0..placement.len()).map(|k| format!("s{k}")).collect(),
         placement,
@@ -355,6 +381,12 @@ async fn simulate(
             request_bytes: sc.services.request_bytes,
             response_bytes: sc.services.response_bytes,
             service_time: ms(sc.services.service_time_ms),
+            slow: sc
+                .services
+                .slow
+                .iter()
+                .map(|[p, t]| (*p as usize, ms(*t)))
+                .collect(),
             served: Mutex::new(HashMap::new()),
         }),
         nodes: Mutex::new(vec![None; n]),
@@ -515,6 +547,44 @@ async fn simulate(
         let peers = node.peers().await;
         views.push(peers.iter().filter(|p| p.state != PeerState::Down).count());
     }
+    // Routers' link downs towards peers that never crashed and were never cut from the
+    // observer: false.
+    let crashed: std::collections::BTreeSet<usize> =
+        lock(&sim.detections).iter().map(|(d, _)| d.peer).collect();
+    let mut cut: std::collections::BTreeSet<(usize, usize)> = Default::default();
+    for f in sc
+        .faults
+        .iter()
+        .filter(|f| matches!(f.kind, FaultKind::Partition | FaultKind::Degrade))
+    {
+        for &a in &f.a {
+            for &b in &f.b {
+                cut.insert((a.min(b), a.max(b)));
+            }
+        }
+    }
+    let by_id: HashMap<String, usize> = sim
+        .index_of
+        .iter()
+        .map(|(id, i)| (id.to_string(), *i))
+        .collect();
+    let mut false_link_downs = 0u64;
+    for (obs, node) in lock(&sim.nodes).iter().enumerate() {
+        let Some(node) = node else { continue };
+        let v = node.routes_view();
+        for p in v["peers"].as_array().into_iter().flatten() {
+            let downs = p["downs"].as_u64().unwrap_or(0);
+            let Some(&peer) = p["node_id"].as_str().and_then(|s| by_id.get(s)) else {
+                continue;
+            };
+            if downs > 0
+                && !crashed.contains(&peer)
+                && !cut.contains(&(obs.min(peer), obs.max(peer)))
+            {
+                false_link_downs += downs;
+            }
+        }
+    }
     let down_events = overlay.get("members_down").copied().unwrap_or(0);
     let crashes: Vec<Detection> = lock(&sim.detections)
         .iter()
@@ -586,6 +656,13 @@ async fn simulate(
             peak_mib: (peak_rss_mib() * 10.0).round() / 10.0,
             per_peer_kib: (((rss_end - rss_start) * 1024.0 / n as f64) * 10.0).round() / 10.0,
         },
+        false_link_downs,
+        restarts: sc
+            .faults
+            .iter()
+            .filter(|f| f.kind == FaultKind::Restart)
+            .flat_map(|f| f.peers.iter().map(move |p| (*p, f.at_s)))
+            .collect(),
     };
     Ok((facts, records))
 }
@@ -774,13 +851,23 @@ async fn request(sim: Arc<Sim>, id: u64, p: Planned, hint: Vec<usize>) {
     let mut attempts = 0;
     let mut answer = None;
     let mut served = None;
+    let mut route = RouteInfo::default();
     for attempt in 0..=w.retries {
         attempts += 1;
         let wire_id = id << 8 | u64::from(attempt.min(255));
         let deadline = Instant::now() + Duration::from_millis(w.timeout_ms);
         // The oracle learns the client's next services the moment this request is served.
         let hint = (attempt == 0).then(|| hint.clone());
-        let attempt = attempt_once(&sim, &node, &app, service, wire_id, &mut served, hint);
+        let attempt = attempt_once(
+            &sim,
+            &node,
+            &app,
+            service,
+            wire_id,
+            &mut served,
+            hint,
+            &mut route,
+        );
         match timeout(Duration::from_millis(w.timeout_ms), attempt).await {
             Ok(Some(first_byte)) => {
                 answer = Some((first_byte, wire_id));
@@ -808,6 +895,10 @@ async fn request(sim: Arc<Sim>, id: u64, p: Planned, hint: Vec<usize>) {
         served: None,
         through_cut: false,
         rerouted: false,
+        first_try: route.first_try,
+        first_try_relays: route.first_try_relays.clone(),
+        relays: route.relays.clone(),
+        overlay_attempts: route.attempts,
     };
 
     if let Some((at, wire_id)) = answer {
@@ -828,8 +919,59 @@ async fn request(sim: Arc<Sim>, id: u64, p: Planned, hint: Vec<usize>) {
     lock(&sim.records).push(rec);
 }
 
+/// What the router did with a request (`routed` mode), as peer indices.
+#[derive(Debug, Default)]
+struct RouteInfo {
+    first_try: Option<usize>,
+    first_try_relays: Vec<usize>,
+    relays: Vec<usize>,
+    attempts: u32,
+}
+
+/// A `routed` attempt: the overlay's exchange (instance and path choice, retries before the
+/// first byte).
+async fn routed_once(
+    sim: &Sim,
+    node: &Node,
+    service: &str,
+    req: &[u8],
+    route: &mut RouteInfo,
+) -> Option<Instant> {
+    let idx = |ids: &[overlay::identity::NodeId]| -> Vec<usize> {
+        ids.iter()
+            .filter_map(|i| sim.index_of.get(i).copied())
+            .collect()
+    };
+    let (res, attempts) = match node.exchange(service, req, true).await {
+        Ok(ex) => {
+            let a = ex.attempts.clone();
+            (Some(ex), a)
+        }
+        Err(e) => (None, e.attempts),
+    };
+    if route.first_try.is_none() {
+        if let Some(a) = attempts.first() {
+            route.first_try = sim.index_of.get(&a.provider).copied();
+            route.first_try_relays = idx(&a.relays);
+        }
+    }
+    route.attempts += attempts.len() as u32;
+    let ex = res?;
+    let at = Instant::now();
+    if let Some(a) = ex.attempts.last() {
+        route.relays = idx(&a.relays);
+    }
+    let mut io = ex.io;
+    tokio::spawn(async move {
+        let mut sink = Vec::new();
+        let _ = io.read_to_end(&mut sink).await;
+    });
+    Some(at)
+}
+
 /// One attempt: open the stream, send the request, wait for the first response byte, then
 /// read the rest. Returns when the first byte arrived, or None on failure.
+#[allow(clippy::too_many_arguments)]
 async fn attempt_once(
     sim: &Sim,
     node: &Node,
@@ -838,7 +980,13 @@ async fn attempt_once(
     wire_id: u64,
     served: &mut Option<Served>,
     hint: Option<Vec<usize>>,
+    route: &mut RouteInfo,
 ) -> Option<Instant> {
+    if sim.mode == Mode::Routed {
+        let mut req = vec![0u8; sim.sc.services.request_bytes];
+        req[..8].copy_from_slice(&wire_id.to_be_bytes());
+        return routed_once(sim, node, service, &req, route).await;
+    }
     let stream = sim.mode.open(node, app, service).await.ok()?;
     *served = Some(stream.served);
     if let Some(hint) = hint.filter(|_| sim.mode.wants_hints()) {

@@ -53,6 +53,8 @@ pub enum TimeMode {
 pub struct Scenario {
     /// Name shown in reports.
     pub name: String,
+    /// Mode `netsim run` uses when `--mode` is not given (default "shared").
+    pub mode: String,
     /// Seed of every random choice (network, peers, workload, identities).
     pub seed: u64,
     /// Virtual or real time.
@@ -73,8 +75,48 @@ pub struct Scenario {
     pub workload: Workload,
     /// Pre-authentication settings of the `pool`, `predictive` and `oracle` modes.
     pub preauth: PreauthSection,
+    /// Routing settings of every peer (`routed` mode uses them most).
+    pub routing: RoutingSection,
     /// Fault schedule.
     pub faults: Vec<Fault>,
+}
+
+/// `[routing]`: the peers' router settings (see `overlay::routing::RoutingConfig`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoutingSection {
+    /// Most relays on a path.
+    pub max_relays: usize,
+    /// Peers that relay for others (empty: every peer).
+    pub relays: Vec<usize>,
+    /// Probe period, ms.
+    pub probe_interval_ms: u64,
+    /// Unanswered probes that mark a link down.
+    pub probe_misses: u32,
+    /// Summary period, ms.
+    pub summary_interval_ms: u64,
+    /// Idle peers kept probed.
+    pub neighbours: usize,
+    /// Attempts of a request that got no byte.
+    pub max_attempts: u32,
+    /// Switch ratio of the path hysteresis.
+    pub switch_ratio: f64,
+}
+
+impl Default for RoutingSection {
+    fn default() -> Self {
+        let d = overlay::routing::RoutingConfig::default();
+        Self {
+            max_relays: d.max_relays,
+            relays: Vec::new(),
+            probe_interval_ms: d.probe_interval.as_millis() as u64,
+            probe_misses: d.probe_misses,
+            summary_interval_ms: d.summary_interval.as_millis() as u64,
+            neighbours: d.neighbours,
+            max_attempts: d.max_attempts,
+            switch_ratio: d.switch_ratio,
+        }
+    }
 }
 
 /// `[preauth]`: what `netsim compare`'s pre-authentication modes use.
@@ -118,6 +160,7 @@ impl Default for Scenario {
     fn default() -> Self {
         Self {
             name: "unnamed".into(),
+            mode: "shared".into(),
             seed: 1,
             time: TimeMode::Virtual,
             warmup_s: 5.0,
@@ -128,6 +171,7 @@ impl Default for Scenario {
             services: Services::default(),
             workload: Workload::default(),
             preauth: PreauthSection::default(),
+            routing: RoutingSection::default(),
             faults: Vec::new(),
         }
     }
@@ -346,6 +390,9 @@ pub struct Services {
     /// key from each service's first provider, and exchanges it for tokens. Use with one
     /// provider per service (a key is only known to the provider that issued it).
     pub require_token: bool,
+    /// Peers whose backends are slower: `[[peer, service_time_ms], ...]` (an overloaded
+    /// instance).
+    pub slow: Vec<[f64; 2]>,
 }
 
 impl Default for Services {
@@ -358,6 +405,7 @@ impl Default for Services {
             response_bytes: 256,
             service_time_ms: 0.0,
             require_token: false,
+            slow: Vec::new(),
         }
     }
 }

@@ -414,7 +414,19 @@ pub async fn exchange(
         let choice = {
             let mut r = lock(&inner.routing.router);
             let st = &inner.routing;
-            r.choose(&providers, &exclude, Instant::now(), |k| st.pick(k))
+            let mut c = r.choose(&providers, &exclude, Instant::now(), |k| st.pick(k));
+            // A relayed attempt that failed excludes its path, not its instance: the router
+            // routes around a dead relay. The same path again means no other is known.
+            if let Some(ch) = &c {
+                if attempts
+                    .iter()
+                    .any(|a| a.provider == ch.provider && a.relays == ch.path.relays)
+                {
+                    exclude.push(ch.provider);
+                    c = r.choose(&providers, &exclude, Instant::now(), |k| st.pick(k));
+                }
+            }
+            c
         };
         let Some(choice) = choice else {
             break;
@@ -505,12 +517,15 @@ pub async fn exchange(
                     }
                 }
                 debug!(service, provider = %provider.fmt_short(), error = %e, "attempt failed");
+                let direct = relays.is_empty();
                 attempts.push(Attempt {
                     provider,
                     relays,
                     error: Some(e.to_string()),
                 });
-                exclude.push(provider);
+                if direct {
+                    exclude.push(provider);
+                }
                 last = e;
             }
         }
