@@ -544,7 +544,13 @@ async fn attempt(
     finish: bool,
 ) -> Result<(Box<dyn Duplex>, Vec<u8>), ForwardError> {
     let peer = choice.provider;
-    let mut io = open_path(inner, service, choice).await?;
+    let limit = lock(&inner.routing.router).config().connect_timeout;
+    let mut io = timeout(limit, open_path(inner, service, choice))
+        .await
+        .map_err(|_| ForwardError::Stream {
+            peer,
+            reason: format!("path not open within {} ms", limit.as_millis()),
+        })??;
     let failed = |e: std::io::Error| ForwardError::Stream {
         peer,
         reason: e.to_string(),
@@ -733,6 +739,7 @@ pub(super) async fn serve_relay(
             c.max_relayed_per_origin,
         )
     };
+    let connect_timeout = lock(&inner.routing.router).config().connect_timeout;
     if let Err(c) = check_relay_path(
         inner.info.node_id,
         peer.node_id,
@@ -779,9 +786,15 @@ pub(super) async fn serve_relay(
         route: route[1..].to_vec(),
         visited,
     };
-    let conn = match inner.conn_to(next).await {
-        Ok(c) => c,
-        Err(e) => {
+    let conn = match timeout(connect_timeout, inner.conn_to(next)).await {
+        Ok(Ok(c)) => c,
+        Err(_) => {
+            stats::inc(&inner.stats.relay_refused);
+            debug!(next = %next.fmt_short(), "relay: next hop did not answer in time");
+            super::reset(&mut send, &mut recv, code::RELAY_UNREACHABLE);
+            return;
+        }
+        Ok(Err(e)) => {
             stats::inc(&inner.stats.relay_refused);
             debug!(next = %next.fmt_short(), error = %e, "relay: next hop unreachable");
             super::reset(&mut send, &mut recv, code::RELAY_UNREACHABLE);

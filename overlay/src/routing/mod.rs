@@ -80,6 +80,10 @@ pub struct RoutingConfig {
     pub first_byte_timeout: Duration,
     /// Most attempts of one request that has received no byte (1: no retry). Default 3.
     pub max_attempts: u32,
+    /// Longest time to open a path (dial, stream, end-to-end handshake) — for a relay, to
+    /// reach the next hop. A peer that does not answer a handshake is not waited for until
+    /// the QUIC idle timeout. Default 2 s.
+    pub connect_timeout: Duration,
     /// Cost of a never-measured direct link whose far end has no coordinate yet, ms.
     pub unknown_rtt_ms: f64,
     /// Vivaldi tuning.
@@ -133,6 +137,7 @@ impl Default for RoutingConfig {
             ewma_decay: Duration::from_secs(10),
             first_byte_timeout: Duration::from_secs(30),
             max_attempts: 3,
+            connect_timeout: Duration::from_secs(2),
             unknown_rtt_ms: 100.0,
             vivaldi: VivaldiConfig::default(),
             relay_tap: None,
