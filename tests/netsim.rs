@@ -276,3 +276,86 @@ fn preauth_modes_compare_on_a_trace_slice() {
     assert!(oracle.hit_rate >= pool.hit_rate);
     assert!(predictive.speculative_handshakes_per_request < 0.5);
 }
+
+fn run_bundled(name: &str, sets: &[&str]) -> (netsim::Report, Vec<RequestRecord>) {
+    let text = std::fs::read_to_string(format!("netsim/scenarios/{name}.toml")).expect("bundled");
+    let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+    let sc = Scenario::parse(&text, &sets).expect("scenario parses");
+    let mode = Mode::from_name(&sc.mode).expect("scenario mode");
+    netsim::run(&sc, mode, RunOptions::default()).expect("run completes")
+}
+
+/// Self-healing: instances crash under steady load on lossy links; the overlay reroutes new
+/// requests within two seconds, retries the ones that had no byte yet (no application
+/// retries here), and declares no live peer or link down.
+#[test]
+fn failover_reroutes_fast_loses_no_request_and_has_no_false_downs() {
+    let (r, recs) = run_bundled(
+        "failover",
+        &["duration_s=35", "workload.rate_per_client=10"],
+    );
+    assert_eq!(r.mode, "routed");
+    assert!(r.requests.total > 2000, "{}", r.requests.total);
+    assert_eq!(r.failed_before_first_byte, 0);
+    assert_eq!(r.requests.failed, 0);
+    assert_eq!(r.false_downs, 0, "{:?}", r.routing);
+    assert_eq!(r.routing.reroutes.len(), 2, "two crashes");
+    for e in &r.routing.reroutes {
+        assert!(e.ms <= 2000.0, "{e:?}");
+    }
+    assert!(r.reroute_ms.max <= 2000.0);
+    // Requests in flight into a dead instance were retried on another, inside the overlay.
+    assert!(r.routing.retried_in_overlay > 0);
+    // After each crash (and before the restart), no request is served by the dead instance.
+    for rec in &recs {
+        if (20.5..30.0).contains(&rec.at_s) {
+            assert_ne!(rec.server, Some(11), "{rec:?}");
+        }
+        if rec.at_s > 40.5 {
+            assert_ne!(rec.server, Some(10), "{rec:?}");
+        }
+    }
+    // The restarted instance is used again.
+    assert!(recs.iter().any(|x| x.at_s > 31.0 && x.server == Some(11)));
+}
+
+/// Triangle: the slow direct link is avoided through the fast relay, then through the other
+/// relay when that one crashes, and traffic goes back direct once the link recovers.
+#[test]
+fn triangle_goes_through_the_fast_relay_and_back_when_the_link_recovers() {
+    let (r, recs) = run_bundled("triangle", &[]);
+    assert_eq!(r.requests.failed, 0);
+    let via = |from: f64, to: f64| -> Vec<Vec<usize>> {
+        recs.iter()
+            .filter(|x| (from..to).contains(&x.at_s))
+            .map(|x| x.relays.clone())
+            .collect()
+    };
+    let share = |v: &[Vec<usize>], want: &[usize]| {
+        v.iter().filter(|x| x.as_slice() == want).count() as f64 / v.len().max(1) as f64
+    };
+    // Degraded 0–3: through relay 1 (the cheaper one).
+    assert!(share(&via(8.0, 25.0), &[1]) > 0.95, "{:?}", r.routing);
+    // Relay 1 crashed: through relay 2.
+    assert!(share(&via(27.0, 40.0), &[2]) > 0.95, "{:?}", r.routing);
+    // Link restored at 40 s: direct again once the smoothed RTT of the direct link (probes,
+    // EWMA 1/8) is clearly below the relayed path's (hysteresis): about 5 s.
+    assert!(share(&via(48.0, 55.0), &[]) > 0.95, "{:?}", r.routing);
+    assert!(
+        share(&via(40.0, 42.0), &[2]) > 0.95,
+        "no flap at the first better sample"
+    );
+    assert!(r.reroute_ms.max <= 2000.0);
+    assert_eq!(r.false_downs, 0);
+}
+
+/// Load: an overloaded instance gets little traffic; the other takes it.
+#[test]
+fn load_shifts_traffic_to_the_fast_instance() {
+    let (r, _) = run_bundled("load", &["duration_s=15"]);
+    assert_eq!(r.requests.failed, 0);
+    let fast = r.routing.served_by.get(&3).copied().unwrap_or(0);
+    let slow = r.routing.served_by.get(&4).copied().unwrap_or(0);
+    assert!(fast > 10 * slow.max(1), "fast {fast}, slow {slow}");
+    assert!(fast + slow == r.requests.ok);
+}

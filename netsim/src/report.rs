@@ -762,6 +762,10 @@ mod tests {
             served: ms.map(|_| overlay::preauth::Served::Connection),
             through_cut: false,
             rerouted: false,
+            first_try: ms.map(|_| 1),
+            first_try_relays: Vec::new(),
+            relays: Vec::new(),
+            overlay_attempts: 1,
         }
     }
 
@@ -779,7 +783,58 @@ mod tests {
             overlay: BTreeMap::new(),
             net: NetStats::default(),
             memory: Memory::default(),
+            false_link_downs: 0,
+            restarts: Vec::new(),
         }
+    }
+
+    #[test]
+    fn reroute_is_how_long_new_requests_went_into_the_dead_peer_until_its_restart() {
+        let mut f = facts();
+        f.membership.crashes = vec![
+            Detection {
+                peer: 1,
+                at_s: 10.0,
+                ..Detection::default()
+            },
+            Detection {
+                peer: 2,
+                at_s: 30.0,
+                ..Detection::default()
+            },
+        ];
+        f.restarts = vec![(1, 20.0)];
+        f.membership.false_downs = 1;
+        f.false_link_downs = 2;
+        let mut recs = Vec::new();
+        // Into dead 1 until 10.8 s (first attempt), also through it as a relay at 10.5 s.
+        for (i, (at, first, relays)) in [
+            (9.0, 1, vec![]),
+            (10.2, 1, vec![]),
+            (10.5, 3, vec![1]),
+            (10.8, 1, vec![]),
+            (11.0, 3, vec![]),
+            // Restarted: going to it again is no reroute.
+            (21.0, 1, vec![]),
+            (31.0, 3, vec![]),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut r = rec(i as u64, at, Some(20), Outcome::Ok);
+            r.first_try = Some(first);
+            r.first_try_relays = relays;
+            recs.push(r);
+        }
+        recs.push(rec(99, 31.5, None, Outcome::Failed));
+        let r = Report::build(f, &recs);
+        assert_eq!(r.routing.reroutes[0].ms, 800.0);
+        assert_eq!(r.routing.reroutes[0].sent_into_dead, 3);
+        assert_eq!(r.routing.reroutes[1].ms, 0.0);
+        assert_eq!(r.reroute_ms.max, 800.0);
+        assert_eq!(r.reroute_ms.p50, 800.0);
+        assert_eq!(r.failed_before_first_byte, 1);
+        assert_eq!(r.false_downs, 3);
     }
 
     #[test]

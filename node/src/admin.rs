@@ -7,6 +7,9 @@
 //! - `GET /v1/jwks`: this node's token verification keys (RFC 7517).
 //! - `GET /v1/preauth`: pre-authentication: each local client's warm set (service, level,
 //!   probability, expiry), the warm pool and the engine's counters.
+//! - `GET /v1/routes`: routing: this node's network coordinate and, per member, the measured
+//!   link (RTT, loss, down), the RTT estimate, the reported load, the cheapest path and the
+//!   path in use (hysteresis).
 //! - `GET /metrics`: Prometheus text.
 //!
 //! Authenticated by the credential they carry:
@@ -93,6 +96,7 @@ pub fn router(node: Node, admin_token: Option<SecretString>) -> Router {
         .route("/v1/tokens/verify", post(verify_token))
         .route("/v1/jwks", get(jwks))
         .route("/v1/preauth", get(preauth))
+        .route("/v1/routes", get(routes))
         .route("/v1/revocations", post(revoke))
         .route("/v1/signing-keys/rotate", post(rotate))
         .route("/v1/backup", get(backup))
@@ -219,6 +223,10 @@ async fn jwks(State(s): State<AppState>) -> impl IntoResponse {
 
 /// Pre-authentication: each local client's warm set (service, level, probability, expiry),
 /// the pool and the engine's counters. Read-only; shows no secret (tokens are never listed).
+async fn routes(State(s): State<AppState>) -> impl IntoResponse {
+    Json(s.node.routes_view())
+}
+
 async fn preauth(State(s): State<AppState>) -> impl IntoResponse {
     Json(s.node.preauth_view())
 }

@@ -73,6 +73,33 @@ pub struct RawConfig {
     /// Predictive pre-authentication.
     #[serde(default)]
     pub preauth: RawPreauth,
+    /// Routing: relays, probes, retries.
+    #[serde(default)]
+    pub routing: RawRouting,
+}
+
+/// `[routing]`: path and instance choice, relaying for others, failure detection.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawRouting {
+    /// Relay streams for other peers (default true).
+    pub relay: Option<bool>,
+    /// Most relays on a path, 0 to 3 (default 2).
+    pub max_relays: Option<usize>,
+    /// Streams relayed at once (default 256).
+    pub max_relayed: Option<usize>,
+    /// Streams relayed at once for one origin (default 32).
+    pub max_relayed_per_origin: Option<usize>,
+    /// Probe period of links in use (default 200).
+    pub probe_interval_ms: Option<u64>,
+    /// Unanswered probes in a row that mark a link down (default 4).
+    pub probe_misses: Option<u32>,
+    /// Attempts of a request that got no response byte, 1 to 5 (default 3).
+    pub max_attempts: Option<u32>,
+    /// Longest wait for a first response byte (default 30000).
+    pub first_byte_timeout_ms: Option<u64>,
+    /// Longest time to open a path or reach a relay's next hop (default 2000).
+    pub connect_timeout_ms: Option<u64>,
 }
 
 /// `[preauth]`: keeping predicted services warm for local clients, and early data.
@@ -533,6 +560,7 @@ fn validate(file: &Path, raw: RawConfig) -> Result<DaemonConfig, ConfigError> {
         )?,
         ..overlay::tls::TlsSettings::default()
     };
+    let routing = routing_settings(file, &raw.routing)?;
     let state_dir = resolve(&raw.state_dir);
     let auth = AuthSettings {
         tokens: TokenSettings {
@@ -570,8 +598,63 @@ fn validate(file: &Path, raw: RawConfig) -> Result<DaemonConfig, ConfigError> {
             auth,
             preauth,
             tls,
+            routing,
             ..NodeConfig::default()
         },
+    })
+}
+
+/// `[routing]` → validated settings.
+fn routing_settings(
+    file: &Path,
+    r: &RawRouting,
+) -> Result<overlay::routing::RoutingConfig, ConfigError> {
+    let d = overlay::routing::RoutingConfig::default();
+    let err = |msg: String| ConfigError {
+        file: file.to_owned(),
+        msg,
+    };
+    let max_relays = r.max_relays.unwrap_or(d.max_relays);
+    if max_relays > overlay::wire::MAX_RELAY_PATH - 2 {
+        return Err(err(format!(
+            "key `routing.max_relays`: at most {}",
+            overlay::wire::MAX_RELAY_PATH - 2
+        )));
+    }
+    let max_attempts = r.max_attempts.unwrap_or(d.max_attempts);
+    if !(1..=5).contains(&max_attempts) {
+        return Err(err("key `routing.max_attempts`: must be 1 to 5".into()));
+    }
+    let probe_misses = r.probe_misses.unwrap_or(d.probe_misses);
+    if !(1..=100).contains(&probe_misses) {
+        return Err(err("key `routing.probe_misses`: must be 1 to 100".into()));
+    }
+    Ok(overlay::routing::RoutingConfig {
+        relay: r.relay.unwrap_or(d.relay),
+        max_relays,
+        max_relayed: r.max_relayed.unwrap_or(d.max_relayed),
+        max_relayed_per_origin: r.max_relayed_per_origin.unwrap_or(d.max_relayed_per_origin),
+        probe_interval: ms(
+            file,
+            "routing.probe_interval_ms",
+            r.probe_interval_ms,
+            d.probe_interval,
+        )?,
+        probe_misses,
+        max_attempts,
+        first_byte_timeout: ms(
+            file,
+            "routing.first_byte_timeout_ms",
+            r.first_byte_timeout_ms,
+            d.first_byte_timeout,
+        )?,
+        connect_timeout: ms(
+            file,
+            "routing.connect_timeout_ms",
+            r.connect_timeout_ms,
+            d.connect_timeout,
+        )?,
+        ..d
     })
 }
 
@@ -742,6 +825,33 @@ listen = "127.0.0.1:9100"
             "listen = \"127.0.0.1:9100\"\napi_key = \"nope\"",
         ));
         assert!(e.contains("upstream[0].api_key"), "{e}");
+    }
+
+    #[test]
+    fn routing_settings_parse_and_are_checked() {
+        let c = parse(Path::new("/etc/meshd/x.toml"), GOOD).unwrap();
+        assert!(c.node.routing.relay);
+        assert_eq!(c.node.routing.max_relays, 2);
+        let c = parse(
+            Path::new("/etc/meshd/x.toml"),
+            &format!("{GOOD}\n[routing]\nrelay = false\nmax_relays = 1\nprobe_interval_ms = 500\nmax_attempts = 1\n"),
+        )
+        .unwrap();
+        let r = &c.node.routing;
+        assert!(!r.relay);
+        assert_eq!((r.max_relays, r.max_attempts), (1, 1));
+        assert_eq!(r.probe_interval, Duration::from_millis(500));
+        for (bad, key) in [
+            ("max_relays = 9", "routing.max_relays"),
+            ("max_attempts = 0", "routing.max_attempts"),
+            ("probe_misses = 0", "routing.probe_misses"),
+            ("probe_interval_ms = 0", "routing.probe_interval_ms"),
+            ("connect_timeout_ms = 0", "routing.connect_timeout_ms"),
+            ("hops = 3", "hops"),
+        ] {
+            let e = parse_err(&format!("{GOOD}\n[routing]\n{bad}\n"));
+            assert!(e.contains(key), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -58,6 +58,9 @@ enum Cmd {
         /// Print JSON instead of tables.
         #[arg(long)]
         json: bool,
+        /// Also show the routing view: each member's link, load and chosen path.
+        #[arg(long)]
+        routes: bool,
     },
     /// Start a small overlay on loopback, send requests through it, print what happened.
     Demo(demo::DemoArgs),
@@ -201,7 +204,11 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Run { config } => run(config).await,
-        Cmd::Status { admin, json } => status(admin, json).await,
+        Cmd::Status {
+            admin,
+            json,
+            routes,
+        } => status(admin, json, routes).await,
         Cmd::Demo(args) => demo::run(&args).await,
         Cmd::Predict {
             cmd: PredictCmd::Eval(args),
@@ -308,12 +315,22 @@ async fn wait_for_signal() {
     }
 }
 
-async fn status(admin: SocketAddr, json: bool) -> anyhow::Result<()> {
+async fn status(admin: SocketAddr, json: bool, with_routes: bool) -> anyhow::Result<()> {
     let me = http::get(admin, "/v1/status").await?;
     let peers = http::get(admin, "/v1/peers").await?;
     let services = http::get(admin, "/v1/services").await?;
+    let routes = if with_routes {
+        Some(http::get(admin, "/v1/routes").await?)
+    } else {
+        None
+    };
     if json {
-        println!("{{\"status\":{me},\"peers\":{peers},\"services\":{services}}}");
+        match &routes {
+            Some(r) => println!(
+                "{{\"status\":{me},\"peers\":{peers},\"services\":{services},\"routes\":{r}}}"
+            ),
+            None => println!("{{\"status\":{me},\"peers\":{peers},\"services\":{services}}}"),
+        }
         return Ok(());
     }
     let me: serde_json::Value = serde_json::from_str(&me).context("status JSON")?;
@@ -352,5 +369,137 @@ async fn status(admin: SocketAddr, json: bool) -> anyhow::Result<()> {
             }
         );
     }
+    if let Some(r) = routes {
+        let r: serde_json::Value = serde_json::from_str(&r).context("routes JSON")?;
+        let names: std::collections::HashMap<String, String> = peers
+            .iter()
+            .map(|p| (s(p, "node_id"), s(p, "name")))
+            .collect();
+        println!();
+        print!("{}", routes_table(&r, &names));
+    }
     Ok(())
+}
+
+/// The `status --routes` table: one row per member with its measured link, reported load and
+/// the path in use (names where known).
+fn routes_table(
+    r: &serde_json::Value,
+    names: &std::collections::HashMap<String, String>,
+) -> String {
+    use std::fmt::Write as _;
+    let name = |id: &str| {
+        names
+            .get(id)
+            .cloned()
+            .unwrap_or_else(|| id.chars().take(10).collect())
+    };
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<20} {:>9} {:>7} {:>5} {:>9} {:>6} {:<24} {:>9}",
+        "PEER", "RTT ms", "LOSS", "LINK", "EST ms", "LOAD", "PATH", "COST ms"
+    );
+    for p in r["peers"].as_array().into_iter().flatten() {
+        let id = p["node_id"].as_str().unwrap_or("");
+        let rtt = p["rtt_ms"]
+            .as_f64()
+            .map(|v| format!("{v:.1}"))
+            .unwrap_or_else(|| "-".into());
+        let load = p["load"]
+            .as_object()
+            .map(|l| {
+                (l.get("serving").and_then(|v| v.as_u64()).unwrap_or(0)
+                    + l.get("relaying").and_then(|v| v.as_u64()).unwrap_or(0))
+                .to_string()
+            })
+            .unwrap_or_else(|| "-".into());
+        let (path, cost) = match p["best"].as_object() {
+            Some(b) => {
+                let via: Vec<String> = b["via"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|v| v.as_str().map(&name))
+                    .collect();
+                let path = if via.is_empty() {
+                    "direct".to_owned()
+                } else {
+                    format!("via {}", via.join(" > "))
+                };
+                let est = if b["estimated"].as_bool().unwrap_or(false) {
+                    "~"
+                } else {
+                    ""
+                };
+                (
+                    path,
+                    format!("{est}{:.1}", b["cost_ms"].as_f64().unwrap_or(0.0)),
+                )
+            }
+            None => ("unreachable".to_owned(), "-".to_owned()),
+        };
+        let _ = writeln!(
+            out,
+            "{:<20} {:>9} {:>6.1}% {:>5} {:>9.1} {:>6} {:<24} {:>9}",
+            name(id),
+            rtt,
+            p["loss"].as_f64().unwrap_or(0.0) * 100.0,
+            if p["link_down"].as_bool().unwrap_or(false) {
+                "down"
+            } else {
+                "up"
+            },
+            p["estimated_rtt_ms"].as_f64().unwrap_or(0.0),
+            load,
+            path,
+            cost
+        );
+    }
+    let _ = writeln!(
+        out,
+        "relays for others: {}   max relays per path: {}   path switches: {}",
+        r["relays"].as_bool().unwrap_or(false),
+        r["max_relays"].as_u64().unwrap_or(0),
+        r["switches"].as_u64().unwrap_or(0)
+    );
+    out
+}
+
+#[cfg(test)]
+mod routes_tests {
+    use super::*;
+
+    #[test]
+    fn routes_table_names_peers_and_paths() {
+        let r = serde_json::json!({
+            "relays": true, "max_relays": 2, "switches": 1,
+            "peers": [
+                {"node_id": "aaa", "rtt_ms": 10.04, "loss": 0.01, "link_down": false,
+                 "estimated_rtt_ms": 10.0, "load": {"serving": 2, "relaying": 1},
+                 "best": {"via": [], "cost_ms": 11.0, "estimated": false}},
+                {"node_id": "bbb", "rtt_ms": null, "loss": 0.0, "link_down": true,
+                 "estimated_rtt_ms": 100.0, "load": null,
+                 "best": {"via": ["aaa"], "cost_ms": 21.0, "estimated": true}},
+                {"node_id": "ccc", "rtt_ms": null, "loss": 0.0, "link_down": true,
+                 "estimated_rtt_ms": 100.0, "load": null, "best": null}
+            ]
+        });
+        let names = [("aaa".to_string(), "alpha".to_string())]
+            .into_iter()
+            .collect();
+        let t = routes_table(&r, &names);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(
+            lines[1].starts_with("alpha") && lines[1].contains("direct") && lines[1].contains("3")
+        );
+        assert!(
+            lines[2].starts_with("bbb")
+                && lines[2].contains("via alpha")
+                && lines[2].contains("~21.0")
+        );
+        assert!(lines[2].contains("down"));
+        assert!(lines[3].contains("unreachable"));
+        assert!(lines[4].contains("path switches: 1"));
+    }
 }

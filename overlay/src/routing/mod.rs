@@ -103,9 +103,12 @@ pub enum Direction {
     Back,
 }
 
+/// The function of a [`RelayTap`].
+pub type TapFn = dyn Fn(Direction, &mut Vec<u8>) + Send + Sync;
+
 /// See [`RoutingConfig::relay_tap`].
 #[derive(Clone)]
-pub struct RelayTap(pub std::sync::Arc<dyn Fn(Direction, &mut Vec<u8>) + Send + Sync>);
+pub struct RelayTap(pub std::sync::Arc<TapFn>);
 
 impl std::fmt::Debug for RelayTap {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
