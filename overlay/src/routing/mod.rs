@@ -9,7 +9,7 @@
 //!   liar can make a link of its own look bad, never better than its other end says).
 //! * **Coordinates.** Vivaldi ([`vivaldi`]) estimates RTT to members never measured, so a
 //!   never-contacted instance still gets a cost.
-//! * **Graph.** `petgraph` holds peers and links; costs are `rtt · (1 + loss_weight · loss)`
+//! * **Graph.** `petgraph`'s compressed sparse row graph (`Csr`) holds peers and links; costs are `rtt · (1 + loss_weight · loss)`
 //!   plus, for a relay, a fixed hop cost and its load. Paths are searched with at most
 //!   `max_relays` relays (a hop-bounded relaxation over the graph's edges, since Dijkstra
 //!   cannot bound hops) and cached until the graph changes.
@@ -21,10 +21,12 @@
 pub mod summary;
 pub mod vivaldi;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::time::Duration;
 
-use petgraph::graph::{NodeIndex, UnGraph};
+use petgraph::csr::Csr;
+use petgraph::graph::NodeIndex;
 use petgraph::visit::EdgeRef;
 use serde::Serialize;
 use tokio::time::Instant;
@@ -32,6 +34,35 @@ use tokio::time::Instant;
 use crate::identity::{NodeId, NodeIdStr};
 use crate::wire::{CatalogVersion, LinkReport, LoadReport, RouteSummary, MAX_ROUTE_LINKS};
 use vivaldi::{Coord, VivaldiConfig};
+
+/// Node ids are SHA-256 prefixes, uniformly random and not choosable (finding two keys whose
+/// ids collide in 64 bits costs ~2^32 key generations per collision, for one bucket): a
+/// multiply-fold of their bytes is a sound, much cheaper hash than SipHash for the router's
+/// maps, which the graph build hits ~20 times per link.
+#[derive(Default, Clone, Copy)]
+pub struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for c in bytes.chunks(8) {
+            let mut w = [0u8; 8];
+            w[..c.len()].copy_from_slice(c);
+            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(w))
+                .wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+        }
+    }
+    fn write_usize(&mut self, _: usize) {}
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// Longest a measured RTT change waits before the path tree is rebuilt (structural changes —
+/// a link or member down or up, a new summary — rebuild at the next decision). Keeps the
+/// rebuild (~2 ms at 1,000 peers) off most decisions.
+pub const REBUILD_EVERY: Duration = Duration::from_millis(250);
+
+type HashMap<K, V> = std::collections::HashMap<K, V, BuildHasherDefault<IdHasher>>;
 
 /// Routing settings (the daemon's `[routing]` table).
 #[derive(Clone, Debug)]
@@ -271,6 +302,10 @@ pub struct Router {
     routes: HashMap<NodeId, Vec<NodeId>>,
     load: LoadReport,
     tree: Option<Tree>,
+    /// When the tree was built, and whether a measurement moved since (a soft change: the
+    /// tree is rebuilt at most every `REBUILD_EVERY` for those).
+    built_at: Option<Instant>,
+    stale: bool,
     seq: u64,
     nonce: u64,
     switches: u64,
@@ -284,12 +319,14 @@ impl Router {
             generation,
             cfg,
             coord: Coord::default(),
-            members: HashMap::new(),
-            links: HashMap::new(),
-            services: HashMap::new(),
-            routes: HashMap::new(),
+            members: HashMap::default(),
+            links: HashMap::default(),
+            services: HashMap::default(),
+            routes: HashMap::default(),
             load: LoadReport::default(),
             tree: None,
+            built_at: None,
+            stale: false,
             seq: 0,
             nonce: u64::from_le_bytes(me.as_bytes()[..8].try_into().unwrap_or([0; 8])),
             switches: 0,
@@ -379,7 +416,10 @@ impl Router {
         if moved {
             l.graph_ms = l.srtt_ms;
         }
-        let structural = structural || moved;
+        if moved {
+            self.stale = true;
+        }
+        let l = self.links.get_mut(&peer).expect("inserted above");
         if alive {
             l.misses = 0;
             if l.down {
@@ -647,67 +687,113 @@ impl Router {
     }
 
     fn build(&self, now: Instant) -> Tree {
-        let mut g: UnGraph<NodeId, Edge> = UnGraph::default();
-        let mut index = HashMap::new();
-        let mut ids = Vec::new();
-        let me = g.add_node(self.me);
-        index.insert(self.me, me);
+        // Vertices: 0 is this peer, then the members in id order.
+        let mut ids: Vec<NodeId> = Vec::with_capacity(self.members.len() + 1);
         ids.push(self.me);
-        let mut members: Vec<&NodeId> = self.members.keys().collect();
-        members.sort();
-        for id in &members {
-            let ix = g.add_node(**id);
-            index.insert(**id, ix);
-            ids.push(**id);
+        let mut members: Vec<NodeId> = self.members.keys().copied().collect();
+        members.sort_unstable();
+        ids.extend_from_slice(&members);
+        let mut index: HashMap<NodeId, NodeIndex> = HashMap::default();
+        index.reserve(ids.len());
+        for (i, id) in ids.iter().enumerate() {
+            index.insert(*id, NodeIndex::new(i));
         }
-        // Our own links: measured, else estimated (any member can be dialled directly).
-        for id in &members {
-            if self.link_down(id) {
-                continue;
+        let n = ids.len();
+        // Directed arcs, both directions of every link, bucketed by source (a counting sort:
+        // no comparison sort over all links), then sorted by target within each row.
+        let mut own: Vec<Option<Edge>> = vec![None; n];
+        for (i, id) in members.iter().enumerate() {
+            if !self.link_down(id) {
+                let (cost, estimated) = self.direct_estimate(id);
+                own[i + 1] = Some(Edge { cost, estimated });
             }
-            let (cost, estimated) = self.direct_estimate(id);
-            g.add_edge(me, index[*id], Edge { cost, estimated });
         }
-        // Reported links between other peers; the worse of two reports counts.
-        let mut reported: HashMap<(NodeId, NodeId), f64> = HashMap::new();
-        for id in &members {
+        let mut reported: Vec<(u32, u32, f64)> = Vec::with_capacity(self.members.len() * 16);
+        for (i, id) in members.iter().enumerate() {
             let Some(s) = self.fresh_summary(id, now) else {
                 continue;
             };
+            let u = i + 1;
             for l in &s.links {
-                if l.peer == self.me || !index.contains_key(&l.peer) {
+                let Some(v) = index.get(&l.peer).map(|v| v.index()) else {
+                    continue;
+                };
+                // Links to us: our own measurement counts.
+                if v == 0 || v == u {
                     continue;
                 }
                 let cost = f64::from(l.rtt_us) / 1000.0
                     * (1.0 + self.cfg.loss_weight * f64::from(l.loss_ppm) / 1e6);
-                let key = if **id < l.peer {
-                    (**id, l.peer)
-                } else {
-                    (l.peer, **id)
-                };
-                let e = reported.entry(key).or_insert(cost);
-                *e = e.max(cost);
+                reported.push((u as u32, v as u32, cost));
             }
         }
-        let mut keys: Vec<_> = reported.into_iter().collect();
-        keys.sort_by_key(|k| k.0);
-        for ((a, b), cost) in keys {
-            g.add_edge(
-                index[&a],
-                index[&b],
-                Edge {
-                    cost,
-                    estimated: false,
-                },
-            );
+        let mut start = vec![0usize; n + 1];
+        for (v, e) in own.iter().enumerate() {
+            if e.is_some() {
+                start[1] += 1; // arc 0 -> v
+                start[v + 1] += 1; // arc v -> 0
+            }
         }
+        for &(u, v, _) in &reported {
+            start[u as usize + 1] += 1;
+            start[v as usize + 1] += 1;
+        }
+        for i in 0..n {
+            start[i + 1] += start[i];
+        }
+        let mut fill = start.clone();
+        let mut rows: Vec<(u32, Edge)> = vec![
+            (
+                0,
+                Edge {
+                    cost: 0.0,
+                    estimated: false
+                }
+            );
+            start[n]
+        ];
+        for (v, e) in own.iter().enumerate() {
+            if let Some(e) = e {
+                rows[fill[0]] = (v as u32, *e);
+                fill[0] += 1;
+                rows[fill[v]] = (0, *e);
+                fill[v] += 1;
+            }
+        }
+        for &(u, v, cost) in &reported {
+            let e = Edge {
+                cost,
+                estimated: false,
+            };
+            rows[fill[u as usize]] = (v, e);
+            fill[u as usize] += 1;
+            rows[fill[v as usize]] = (u, e);
+            fill[v as usize] += 1;
+        }
+        let mut sorted: Vec<(u32, u32, Edge)> = Vec::with_capacity(rows.len());
+        for u in 0..n {
+            let row = &mut rows[start[u]..start[u + 1]];
+            row.sort_unstable_by_key(|r| r.0);
+            for &(v, e) in row.iter() {
+                match sorted.last_mut() {
+                    // Two reports of one link: the worse counts.
+                    Some(last) if last.0 == u as u32 && last.1 == v => {
+                        last.2.cost = last.2.cost.max(e.cost)
+                    }
+                    _ => sorted.push((u as u32, v, e)),
+                }
+            }
+        }
+        let g: Csr<(), Edge, petgraph::Directed, u32> =
+            Csr::from_sorted_edges(&sorted).unwrap_or_else(|_| Csr::with_nodes(0));
+        let in_graph = g.node_count();
         // Hop-bounded relaxation: layer h holds the best cost with at most h hops.
-        let n = g.node_count();
         let hops = self.cfg.max_relays + 1;
         let relay: Vec<Option<f64>> = ids
             .iter()
-            .map(|id| {
-                if *id == self.me {
+            .enumerate()
+            .map(|(i, id)| {
+                if i == 0 {
                     None
                 } else {
                     self.relay_cost(id, now)
@@ -716,8 +802,9 @@ impl Router {
             .collect();
         let mut cost = vec![vec![f64::INFINITY; n]; hops + 1];
         let mut parent: Vec<Vec<Option<(usize, bool, usize)>>> = vec![vec![None; n]; hops + 1];
-        cost[0][me.index()] = 0.0;
-        let mut frontier = vec![me];
+        cost[0][0] = 0.0;
+        let mut frontier: Vec<usize> = vec![0];
+        let mut queued = vec![false; n];
         for h in 1..=hops {
             let (before, after) = cost.split_at_mut(h);
             let prev = &before[h - 1];
@@ -725,36 +812,38 @@ impl Router {
             cur.copy_from_slice(prev);
             parent[h] = parent[h - 1].clone();
             let mut next = Vec::new();
+            queued.iter_mut().for_each(|q| *q = false);
             for &u in &frontier {
-                let du = prev[u.index()];
+                if u >= in_graph {
+                    continue;
+                }
+                let du = prev[u];
                 // Only this peer and relays forward.
-                let extra = if u == me {
+                let extra = if u == 0 {
                     0.0
                 } else {
-                    match relay[u.index()] {
+                    match relay[u] {
                         Some(c) => c,
                         None => continue,
                     }
                 };
-                for e in g.edges(u) {
-                    let v = if e.source() == u {
-                        e.target()
-                    } else {
-                        e.source()
-                    };
-                    if v == me {
+                for e in g.edges(u as u32) {
+                    let v = e.target() as usize;
+                    if v == 0 {
                         continue;
                     }
-                    let c = du + extra + e.weight().cost;
-                    if c < cur[v.index()] {
-                        cur[v.index()] = c;
-                        parent[h][v.index()] = Some((u.index(), e.weight().estimated, h - 1));
-                        next.push(v);
+                    let w = e.weight();
+                    let c = du + extra + w.cost;
+                    if c < cur[v] {
+                        cur[v] = c;
+                        parent[h][v] = Some((u, w.estimated, h - 1));
+                        if !queued[v] {
+                            queued[v] = true;
+                            next.push(v);
+                        }
                     }
                 }
             }
-            next.sort();
-            next.dedup();
             frontier = next;
         }
         Tree {
@@ -766,8 +855,14 @@ impl Router {
     }
 
     fn tree(&mut self, now: Instant) -> &Tree {
-        if self.tree.is_none() {
+        let soft_due = self.stale
+            && self
+                .built_at
+                .is_none_or(|t| now.saturating_duration_since(t) >= REBUILD_EVERY);
+        if self.tree.is_none() || soft_due {
             self.tree = Some(self.build(now));
+            self.built_at = Some(now);
+            self.stale = false;
         }
         self.tree.get_or_insert_with(Tree::default)
     }
