@@ -191,7 +191,7 @@ pub struct Blend {
 }
 
 /// Each expert's PPM-C weights over its scope's tables.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Default)]
 struct Experts {
     /// `w[e][slot]`: weight of table `slot` (order, or the bag) of scope `e / 3` in expert `e`.
     w: [[f32; SLOTS]; EXPERTS],
@@ -204,9 +204,21 @@ impl Experts {
     /// The same arithmetic as `rank::ppm_chain` over the chains `hi..=0` (long), `lo..=0` (short)
     /// and `BAG, 1, 0` (bag, if the bag table has data), specialised: the chains are
     /// descending runs of orders, so each is walked once with per-table values shared.
+    #[cfg(test)]
     fn new(stats: &Stats, hi: usize, lo: usize) -> Self {
-        let mut w = [[0.0; SLOTS]; EXPERTS];
-        let mut avail = [false; EXPERTS];
+        let mut ex = Self {
+            w: [[0.0; SLOTS]; EXPERTS],
+            avail: [false; EXPERTS],
+        };
+        ex.fill(stats, hi, lo);
+        ex
+    }
+
+    /// [`Experts::new`] written in place (no copy of the result).
+    fn fill(&mut self, stats: &Stats, hi: usize, lo: usize) {
+        let Self { w, avail } = self;
+        *w = [[0.0; SLOTS]; EXPERTS];
+        *avail = [false; EXPERTS];
         for s in [CLIENT, GROUP, GLOBAL] {
             let st = &stats[s];
             let ok: [bool; SLOTS] = std::array::from_fn(|i| st[i].0 > 0.0 && st[i].1 > 0.0);
@@ -247,7 +259,6 @@ impl Experts {
                 avail[e] = w[e].iter().any(|&x| x > 0.0);
             }
         }
-        Self { w, avail }
     }
 
     /// Mixture weights `w`, scaled by each scope's data (`n0[scope]`, see
@@ -281,7 +292,28 @@ type Stats = [[(f32, f32); SLOTS]; 3];
 /// would. Behind a `Mutex` only so that `Blend` stays `Sync`: `predict` (`&self`) fills it when
 /// the lock is free (`try_lock`, never waits), `observe` (`&mut self`) reads it without locking.
 #[derive(Default)]
-struct ExpertMemo(std::sync::Mutex<Option<(Stats, Experts)>>);
+struct ExpertMemo(std::sync::Mutex<Memo>);
+
+/// The memo's content, filled in place; `valid` until the first fill.
+#[derive(Default)]
+struct Memo {
+    valid: bool,
+    stats: Stats,
+    ex: Experts,
+}
+
+impl Memo {
+    /// The experts for `stats`, recomputed (in place) unless they are the memoised ones.
+    #[inline]
+    fn experts(&mut self, stats: &Stats, hi: usize, lo: usize) -> &Experts {
+        if !(self.valid && self.stats == *stats) {
+            self.valid = true;
+            self.stats = *stats;
+            self.ex.fill(stats, hi, lo);
+        }
+        &self.ex
+    }
+}
 
 impl Clone for ExpertMemo {
     fn clone(&self) -> Self {
@@ -366,22 +398,6 @@ impl Blend {
         me
     }
 
-    /// [`Experts::new`] for this model's orders, through the memo (see [`ExpertMemo`]).
-    /// [`Experts::new`] for this model's orders, through the memo (see [`ExpertMemo`]).
-    fn experts(&self, stats: &Stats) -> Experts {
-        let Ok(mut memo) = self.memo.0.try_lock() else {
-            return Experts::new(stats, self.core.hi, self.low());
-        };
-        match &*memo {
-            Some((s, ex)) if s == stats => *ex,
-            _ => {
-                let ex = Experts::new(stats, self.core.hi, self.low());
-                *memo = Some((*stats, ex));
-                ex
-            }
-        }
-    }
-
     fn low(&self) -> usize {
         self.params.low_order.min(self.core.hi)
     }
@@ -455,10 +471,16 @@ impl Blend {
                 stats[s][slot] = (pre.total, pre.distinct);
                 counts[s][slot] = pre.count;
             });
+        let (hi, lo) = (self.core.hi, self.low());
+        let mut own_ex;
         let ex = match self.memo.0.get_mut() {
-            Ok(Some((memo_stats, ex))) if *memo_stats == stats => *ex,
-            _ => Experts::new(&stats, self.core.hi, self.low()),
-        };
+            Ok(m) => m,
+            Err(_) => {
+                own_ex = Memo::default();
+                &mut own_ex
+            }
+        }
+        .experts(&stats, hi, lo);
         let mut probs = [0.0f32; EXPERTS];
         for (e, p) in probs.iter_mut().enumerate() {
             *p = ex.w[e].iter().zip(&counts[e / 3]).map(|(w, n)| w * n).sum();
@@ -542,7 +564,18 @@ impl Blend {
         let v = self.core.view(c);
         let t = tables(&v);
         let stats = stats_of(&t);
-        let ex = self.experts(&stats);
+        // Through the memo when its lock is free (held for this ranking, so the experts are
+        // read in place); otherwise computed here.
+        let mut memo = self.memo.0.try_lock().ok();
+        let mut own_ex;
+        let ex = match memo.as_deref_mut() {
+            Some(m) => m,
+            None => {
+                own_ex = Memo::default();
+                &mut own_ex
+            }
+        }
+        .experts(&stats, self.core.hi, self.low());
         let skill = if c.events >= self.params.own_after {
             &c.ext
         } else {
