@@ -290,9 +290,18 @@ type Stats = [[(f32, f32); SLOTS]; 3];
 /// sees the same tables just before updating them) need not recompute them. Pure memoisation
 /// of [`Experts::new`] keyed by its whole input, so a hit gives exactly what a recomputation
 /// would. Behind a `Mutex` only so that `Blend` stays `Sync`: `predict` (`&self`) fills it when
-/// the lock is free (`try_lock`, never waits), `observe` (`&mut self`) reads it without locking.
+/// the lock is free (`try_lock`, never waits; otherwise it works on a fresh local copy),
+/// `observe` (`&mut self`) reads it without locking.
 #[derive(Default)]
-struct ExpertMemo(std::sync::Mutex<Memo>);
+struct ExpertMemo(std::sync::Mutex<Scratch>);
+
+/// What the lock holds: the memo, and the candidate buffer of the ranking (reused, so it is
+/// not initialised anew for every prediction).
+#[derive(Default)]
+struct Scratch {
+    memo: Memo,
+    cands: Cands,
+}
 
 /// The memo's content, filled in place; `valid` until the first fill.
 #[derive(Default)]
@@ -474,7 +483,7 @@ impl Blend {
         let (hi, lo) = (self.core.hi, self.low());
         let mut own_ex;
         let ex = match self.memo.0.get_mut() {
-            Ok(m) => m,
+            Ok(s) => &mut s.memo,
             Err(_) => {
                 own_ex = Memo::default();
                 &mut own_ex
@@ -499,8 +508,17 @@ impl Blend {
         let Some(c) = self.core.clients.get(&client) else {
             return;
         };
-        let mut cands = Cands::new();
-        self.rank(c, &mut cands);
+        let mut guard = self.memo.0.try_lock().ok();
+        let mut local;
+        let Scratch { memo, cands } = match guard.as_deref_mut() {
+            Some(s) => s,
+            None => {
+                local = Scratch::default();
+                &mut local
+            }
+        };
+        cands.clear();
+        self.rank(c, memo, cands);
         cands.finish(k, c.last_at, at, out);
     }
 
@@ -519,8 +537,17 @@ impl Blend {
         let Some(c) = self.core.clients.get(&client) else {
             return;
         };
-        let mut cands = Cands::new();
-        let own = self.rank(c, &mut cands);
+        let mut guard = self.memo.0.try_lock().ok();
+        let mut local;
+        let Scratch { memo, cands } = match guard.as_deref_mut() {
+            Some(s) => s,
+            None => {
+                local = Scratch::default();
+                &mut local
+            }
+        };
+        cands.clear();
+        let own = self.rank(c, memo, cands);
         let skill = &c.ext;
         for u in &skill.uses {
             cands.add(u.service, 0.0, 0.0);
@@ -560,22 +587,16 @@ impl Blend {
 
     /// The next-step scores of `c`'s candidates (into `cands`, which must be empty); returns
     /// the client's own order-0 table.
-    fn rank<'a>(&'a self, c: &'a ClientState<Skill>, cands: &mut Cands) -> Option<&'a Dist> {
+    fn rank<'a>(
+        &'a self,
+        c: &'a ClientState<Skill>,
+        memo: &mut Memo,
+        cands: &mut Cands,
+    ) -> Option<&'a Dist> {
         let v = self.core.view(c);
         let t = tables(&v);
         let stats = stats_of(&t);
-        // Through the memo when its lock is free (held for this ranking, so the experts are
-        // read in place); otherwise computed here.
-        let mut memo = self.memo.0.try_lock().ok();
-        let mut own_ex;
-        let ex = match memo.as_deref_mut() {
-            Some(m) => m,
-            None => {
-                own_ex = Memo::default();
-                &mut own_ex
-            }
-        }
-        .experts(&stats, self.core.hi, self.low());
+        let ex = memo.experts(&stats, self.core.hi, self.low());
         let skill = if c.events >= self.params.own_after {
             &c.ext
         } else {
