@@ -35,7 +35,7 @@ fn events(evs: &[Event]) -> Vec<(Millis, ClientId, Option<GroupId>, ServiceId)> 
 fn per_event(c: &mut Criterion) {
     let mut group = c.benchmark_group("observe_predict");
     group.throughput(Throughput::Elements(1));
-    for name in ["trainticket", "nasa-jul"] {
+    for name in ["trainticket", "boutique", "nasa-jul"] {
         let evs = events(&load(name));
         let span = evs.last().map_or(1, |e| e.0 .0) - evs.first().map_or(0, |e| e.0 .0) + 1;
         let warm = evs.len() * 7 / 10;
