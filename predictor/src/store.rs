@@ -714,7 +714,16 @@ mod tests {
                 _ => break,
             };
         }
-        for x in [0.0f32, -0.0, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 86.6, -86.6, 1.0] {
+        for x in [
+            0.0f32,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            86.6,
+            -86.6,
+            1.0,
+        ] {
             exp_approx_check(x.to_bits());
         }
     }
