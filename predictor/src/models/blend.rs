@@ -479,12 +479,9 @@ impl Blend {
         at: Millis,
     ) {
         let prior = &self.global;
-        self.core.touch(client, group, at.0, || prior.clone());
-        let Some(c) = self.core.clients.get(&client) else {
-            return;
-        };
-        let first = c.events == 0;
-        let gap = (!first).then(|| at.0.saturating_sub(c.last_at));
+        let (events, last_at) = self.core.touch(client, group, at.0, || prior.clone());
+        let first = events == 0;
+        let gap = (!first).then(|| at.0.saturating_sub(last_at));
         let mut stats = [[(0.0f32, 0.0f32); SLOTS]; 3];
         let mut counts = [[0.0f32; SLOTS]; 3];
         self.core
@@ -502,9 +499,13 @@ impl Blend {
             }
         }
         .experts(&stats, hi, lo);
-        let mut probs = [0.0f32; EXPERTS];
-        for (e, p) in probs.iter_mut().enumerate() {
-            *p = ex.w[e].iter().zip(&counts[e / 3]).map(|(w, n)| w * n).sum();
+        // Each expert's probability of the service, `Σ_slot w[e][slot] · count[slot]` summed
+        // in slot order (as `Iterator::sum`, from -0.0), all experts at once (vectorises).
+        let mut probs = [-0.0f32; EXPERTS];
+        for slot in 0..SLOTS {
+            for (e, p) in probs.iter_mut().enumerate() {
+                *p += ex.w[e][slot] * counts[e / 3][slot];
+            }
         }
         let repeat = (!first).then_some(counts[CLIENT][0] > 0.0);
         let p = self.params;

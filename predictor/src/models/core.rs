@@ -223,16 +223,16 @@ impl<X: Clone> Core<X> {
     }
 
     /// Makes sure `client` (and its group, if given) exist; `make` builds a new client's
-    /// extension. Returns whether the client is new.
+    /// extension. Returns the client's `(events, last_at)` (0 events if it is new).
     pub fn touch(
         &mut self,
         client: ClientId,
         group: Option<GroupId>,
         at: u64,
         make: impl FnOnce() -> X,
-    ) -> bool {
+    ) -> (u32, u64) {
         let serial = self.serial();
-        let (c, created) = self.clients.upsert(client, at, || ClientState {
+        let (c, _) = self.clients.upsert(client, at, || ClientState {
             serial,
             group: None,
             hist: [NONE; MAX_ORDER],
@@ -245,6 +245,7 @@ impl<X: Clone> Core<X> {
             c.group = group;
         }
         let (group, member) = (c.group, c.serial);
+        let seen = (c.events, c.last_at);
         if let Some(g) = group {
             if self.scopes[GROUP] {
                 let serial = self.serial();
@@ -258,7 +259,7 @@ impl<X: Clone> Core<X> {
                 gs.shared |= gs.first != member;
             }
         }
-        created
+        seen
     }
 
     fn scope_ids(&self, c: &ClientState<X>) -> [Option<u64>; 3] {
