@@ -309,20 +309,44 @@ struct Scratch {
 #[derive(Default)]
 struct Memo {
     valid: bool,
-    stats: Stats,
+    /// The bits of the statistics the experts were computed from: equal bits give equal
+    /// experts (a stricter test than float equality, and one that vectorises).
+    key: StatBits,
     ex: Experts,
+}
+
+/// [`Stats`] as bits, `[scope][slot][total, distinct]`.
+type StatBits = [[[u32; 2]; SLOTS]; 3];
+
+fn stat_bits(stats: &Stats) -> StatBits {
+    std::array::from_fn(|s| {
+        std::array::from_fn(|i| [stats[s][i].0.to_bits(), stats[s][i].1.to_bits()])
+    })
 }
 
 impl Memo {
     /// The experts for `stats`, recomputed (in place) unless they are the memoised ones.
     #[inline]
     fn experts(&mut self, stats: &Stats, hi: usize, lo: usize) -> &Experts {
-        if !(self.valid && self.stats == *stats) {
-            self.valid = true;
-            self.stats = *stats;
-            self.ex.fill(stats, hi, lo);
+        let key = stat_bits(stats);
+        if !(self.valid && self.key == key) {
+            self.store(key, stats, hi, lo);
         }
         &self.ex
+    }
+
+    /// The experts for `stats`, computed and memoised without looking at the memo first
+    /// (for `predict`, whose tables have almost always changed since the last `observe`).
+    #[inline]
+    fn recompute(&mut self, stats: &Stats, hi: usize, lo: usize) -> &Experts {
+        self.store(stat_bits(stats), stats, hi, lo);
+        &self.ex
+    }
+
+    fn store(&mut self, key: StatBits, stats: &Stats, hi: usize, lo: usize) {
+        self.valid = true;
+        self.key = key;
+        self.ex.fill(stats, hi, lo);
     }
 }
 
@@ -609,7 +633,7 @@ impl Blend {
         let v = self.core.view(c);
         let t = tables(&v);
         let stats = stats_of(&t);
-        let ex = memo.experts(&stats, self.core.hi, self.low());
+        let ex = memo.recompute(&stats, self.core.hi, self.low());
         let skill = if c.events >= self.params.own_after {
             &c.ext
         } else {
