@@ -223,7 +223,8 @@ impl Experts {
         *avail = [false; EXPERTS];
         for s in [CLIENT, GROUP, GLOBAL] {
             let st = &stats[s];
-            let ok: [bool; SLOTS] = std::array::from_fn(|i| st[i].0 > 0.0 && st[i].1 > 0.0);
+            // `&` rather than `&&`: no branches (measured: fewer instructions).
+            let ok: [bool; SLOTS] = std::array::from_fn(|i| (st[i].0 > 0.0) & (st[i].1 > 0.0));
             // Lowest usable order: where the descending chains end (all end at order 0's
             // side, so the last usable table of each is the lowest usable one it visits).
             let Some(low) = (0..=hi).find(|&i| ok[i]) else {
