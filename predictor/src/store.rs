@@ -414,22 +414,31 @@ impl<K: Copy + Eq + Hash + Ord, V: Stamped + Default> Slab<K, V> {
     }
 
     /// The hint for `slot` (its current generation), [`NO_HINT`] if there is no such slot.
+    /// Only for live slots (see [`Slab::check`]): every caller has just found `slot` live.
     #[inline]
     pub fn hint(&self, slot: u32) -> Hint {
-        self.slots
-            .get(slot as usize)
-            .map_or(NO_HINT, |s| u64::from(slot) | u64::from(s.gen) << 32)
+        self.slots.get(slot as usize).map_or(NO_HINT, |s| {
+            debug_assert!(s.live);
+            u64::from(slot) | u64::from(s.gen) << 32
+        })
     }
 
     /// The slot of `hint` if it still holds the key it held when the hint was taken (no key
     /// comparison, no hash lookup).
+    ///
+    /// The generation alone decides: hints are only taken of live slots, and vacating a slot
+    /// moves its generation on (a retired slot is never live again), so a matching
+    /// generation implies a live slot.
     #[inline]
     pub fn check(&self, hint: Hint) -> Option<u32> {
         let slot = hint as u32;
         self.slots
             .get(slot as usize)
-            .filter(|s| s.live && u64::from(s.gen) == hint >> 32)
-            .map(|_| slot)
+            .filter(|s| u64::from(s.gen) == hint >> 32)
+            .map(|s| {
+                debug_assert!(s.live);
+                slot
+            })
     }
 
     /// The value for `hint`, if still valid (see [`Slab::check`]).
@@ -438,8 +447,11 @@ impl<K: Copy + Eq + Hash + Ord, V: Stamped + Default> Slab<K, V> {
         let slot = hint as u32;
         self.slots
             .get(slot as usize)
-            .filter(|s| s.live && u64::from(s.gen) == hint >> 32)
-            .map(|s| &s.value)
+            .filter(|s| u64::from(s.gen) == hint >> 32)
+            .map(|s| {
+                debug_assert!(s.live);
+                &s.value
+            })
     }
 
     /// Whether `slot` holds `key` (no hash lookup).
