@@ -527,6 +527,8 @@ impl Blend {
         // Each expert's probability of the service, `Σ_slot w[e][slot] · count[slot]` summed
         // in slot order (as `Iterator::sum`, from -0.0), all experts at once (vectorises).
         let mut probs = [-0.0f32; EXPERTS];
+        // The slot indexes the weights of every expert and the counts of every scope.
+        #[allow(clippy::needless_range_loop)]
         for slot in 0..SLOTS {
             for (e, p) in probs.iter_mut().enumerate() {
                 *p += ex.w[e][slot] * counts[e / 3][slot];
