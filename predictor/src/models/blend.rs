@@ -216,7 +216,8 @@ impl Experts {
         ex
     }
 
-    /// [`Experts::new`] written in place (no copy of the result).
+    /// The experts' weights (see `new`, the test reference's entry point) written in place
+    /// (no copy of the result).
     fn fill(&mut self, stats: &Stats, hi: usize, lo: usize) {
         let Self { w, avail } = self;
         *w = [[0.0; SLOTS]; EXPERTS];
@@ -285,14 +286,14 @@ impl Experts {
     }
 }
 
-/// `(total, distinct)` of every table of a context, `[scope][slot]`: all that [`Experts::new`]
+/// `(total, distinct)` of every table of a context, `[scope][slot]`: all that [`Experts::fill`]
 /// depends on (the orders are fixed per model).
 type Stats = [[(f32, f32); SLOTS]; 3];
 
 /// The experts' weights last computed by `predict`, so that the `observe` that follows (which
 /// sees the same tables just before updating them) need not recompute them. Pure memoisation
-/// of [`Experts::new`] keyed by its whole input, so a hit gives exactly what a recomputation
-/// would. Behind a `Mutex` only so that `Blend` stays `Sync`: `predict` (`&self`) fills it when
+/// of [`Experts::fill`] keyed by the bits of its whole input, so a hit gives exactly what a
+/// recomputation would. Behind a `Mutex` only so that `Blend` stays `Sync`: `predict` (`&self`) fills it when
 /// the lock is free (`try_lock`, never waits; otherwise it works on a fresh local copy),
 /// `observe` (`&mut self`) reads it without locking.
 #[derive(Default)]
