@@ -16,14 +16,21 @@ use predictor::{
 };
 
 fn load(name: &str) -> Vec<Event> {
+    try_load(name).unwrap_or_else(|| panic!("no trace or fixture for {name}"))
+}
+
+/// The full trace, else its fixture, else None (Boutique has no fixture).
+fn try_load(name: &str) -> Option<Vec<Event>> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let full = root.join(format!("../../shared/data/traces/{name}.csv.gz"));
     let fixture = root.join(format!("tests/fixtures/{name}-head2000.csv"));
-    let path = if full.exists() { full } else { fixture };
+    let path = [full, fixture].into_iter().find(|p| p.exists())?;
     let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    trace::read(file, OnError::Skip)
-        .expect("trace reads")
-        .events
+    Some(
+        trace::read(file, OnError::Skip)
+            .expect("trace reads")
+            .events,
+    )
 }
 
 /// `(at, client, group, service)` in time order, via the evaluator's interning.
@@ -35,8 +42,11 @@ fn events(evs: &[Event]) -> Vec<(Millis, ClientId, Option<GroupId>, ServiceId)> 
 fn per_event(c: &mut Criterion) {
     let mut group = c.benchmark_group("observe_predict");
     group.throughput(Throughput::Elements(1));
-    for name in ["trainticket", "nasa-jul"] {
-        let evs = events(&load(name));
+    for name in ["trainticket", "boutique", "nasa-jul"] {
+        let Some(trace) = try_load(name) else {
+            continue;
+        };
+        let evs = events(&trace);
         let span = evs.last().map_or(1, |e| e.0 .0) - evs.first().map_or(0, |e| e.0 .0) + 1;
         let warm = evs.len() * 7 / 10;
         for kind in [

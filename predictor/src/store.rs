@@ -112,20 +112,44 @@ pub(crate) fn exp2_neg(x: f32) -> f32 {
     frac * pow
 }
 
-/// `e^x` for `x` in about `-87..=87` (clamped outside), same approximation as [`exp2_neg`].
+/// `e^x` for `x` in about `-87..=87` (clamped outside), same approximation as [`exp2_neg`];
+/// 0 for NaN.
+///
+/// Without branches or float-to-int conversions, so that loops over it vectorise: with
+/// `y = x·log2(e)` and `c = ⌈y⌉`,
+/// `e^x = 2^c · 2^-(c - y)`, `c − y` in `[0, 1)` taking the cubic fit of [`exp2_neg`]. This is
+/// the same arithmetic, operation for operation, as the two-branch form it replaced
+/// (`2^⌈y⌉ · exp2_neg(⌈y⌉ − y)` for `y ≥ 0`, `exp2_neg(−y)` below; for `y < 0`, `⌈y⌉ =
+/// −trunc(−y)` and `⌈y⌉ − y` rounds exactly as `−y − trunc(−y)` does; a fraction that rounds
+/// to 1 is carried as that form did), so every result is bit-identical (tests
+/// `exp_approx_is_bit_identical_to_the_branching_form` and, over all 2^32 inputs,
+/// `exp_approx_is_bit_identical_everywhere`, `--ignored`).
 #[inline]
 pub(crate) fn exp_approx(x: f32) -> f32 {
     let y = (x * std::f32::consts::LOG2_E).clamp(-125.0, 125.0);
-    if y >= 0.0 {
-        // `y.ceil()` without a libm call (the baseline x86-64 target has no `roundss`):
-        // exact for `y` in 0..=125.
-        let ti = y as i32;
-        let ni = if (ti as f32) < y { ti + 1 } else { ti };
-        let n = ni as f32;
-        // 2^y = 2^n * 2^-(n - y); 2^n with n in 0..=125 is a normal f32.
-        f32::from_bits(((127 + ni) as u32) << 23) * exp2_neg(n - y)
+    // `y.ceil()` without a libm call (the baseline x86-64 target has no `roundss`) and without
+    // a float-to-int conversion (Rust's saturating `as i32` does not vectorise): adding
+    // 1.5·2^23 rounds `y` (|y| <= 125) to the nearest integer, which then sits in the low
+    // mantissa bits; one step up where that rounded down. Exact integers throughout.
+    const ROUND: f32 = 12_582_912.0;
+    let t = y + ROUND;
+    let near = t - ROUND;
+    let up = near < y;
+    let c = if up { near + 1.0 } else { near };
+    let ci = (t.to_bits() as i32 - ROUND.to_bits() as i32) + i32::from(up);
+    let f = c - y;
+    // For a tiny positive `y`, `c − y` rounds to 1: the branching form then evaluated
+    // `2^c · exp2_neg(1) = 2^(c−1) · fit(0)`, so do the same.
+    let wrap = f >= 1.0;
+    let f = if wrap { 0.0 } else { f };
+    let ci = ci - i32::from(wrap);
+    let frac = 1.0 + f * (-std::f32::consts::LN_2 + f * (0.237_804 + f * -0.044_657));
+    // `c` is in -125..=125, so the exponent field 127 + c stays in 2..=252: a normal f32.
+    let r = frac * f32::from_bits(((127 + ci) as u32) << 23);
+    if y.is_nan() {
+        0.0
     } else {
-        exp2_neg(-y)
+        r
     }
 }
 
@@ -390,22 +414,31 @@ impl<K: Copy + Eq + Hash + Ord, V: Stamped + Default> Slab<K, V> {
     }
 
     /// The hint for `slot` (its current generation), [`NO_HINT`] if there is no such slot.
+    /// Only for live slots (see [`Slab::check`]): every caller has just found `slot` live.
     #[inline]
     pub fn hint(&self, slot: u32) -> Hint {
-        self.slots
-            .get(slot as usize)
-            .map_or(NO_HINT, |s| u64::from(slot) | u64::from(s.gen) << 32)
+        self.slots.get(slot as usize).map_or(NO_HINT, |s| {
+            debug_assert!(s.live);
+            u64::from(slot) | u64::from(s.gen) << 32
+        })
     }
 
     /// The slot of `hint` if it still holds the key it held when the hint was taken (no key
     /// comparison, no hash lookup).
+    ///
+    /// The generation alone decides: hints are only taken of live slots, and vacating a slot
+    /// moves its generation on (a retired slot is never live again), so a matching
+    /// generation implies a live slot.
     #[inline]
     pub fn check(&self, hint: Hint) -> Option<u32> {
         let slot = hint as u32;
         self.slots
             .get(slot as usize)
-            .filter(|s| s.live && u64::from(s.gen) == hint >> 32)
-            .map(|_| slot)
+            .filter(|s| u64::from(s.gen) == hint >> 32)
+            .map(|s| {
+                debug_assert!(s.live);
+                slot
+            })
     }
 
     /// The value for `hint`, if still valid (see [`Slab::check`]).
@@ -414,8 +447,11 @@ impl<K: Copy + Eq + Hash + Ord, V: Stamped + Default> Slab<K, V> {
         let slot = hint as u32;
         self.slots
             .get(slot as usize)
-            .filter(|s| s.live && u64::from(s.gen) == hint >> 32)
-            .map(|s| &s.value)
+            .filter(|s| u64::from(s.gen) == hint >> 32)
+            .map(|s| {
+                debug_assert!(s.live);
+                &s.value
+            })
     }
 
     /// Whether `slot` holds `key` (no hash lookup).
@@ -651,6 +687,65 @@ mod tests {
                 (approx - exact).abs() <= exact * 2e-3,
                 "e^{x}: {approx} vs {exact}"
             );
+        }
+    }
+
+    /// The branching form `exp_approx` had until the fifth speed round.
+    fn exp_approx_branching(x: f32) -> f32 {
+        let y = (x * std::f32::consts::LOG2_E).clamp(-125.0, 125.0);
+        if y >= 0.0 {
+            let ti = y as i32;
+            let ni = if (ti as f32) < y { ti + 1 } else { ti };
+            let n = ni as f32;
+            f32::from_bits(((127 + ni) as u32) << 23) * exp2_neg(n - y)
+        } else {
+            exp2_neg(-y)
+        }
+    }
+
+    fn exp_approx_check(bits: u32) {
+        let x = f32::from_bits(bits);
+        let (a, b) = (exp_approx(x), exp_approx_branching(x));
+        assert_eq!(a.to_bits(), b.to_bits(), "e^{x} ({bits:#x}): {a} vs {b}");
+    }
+
+    #[test]
+    fn exp_approx_is_bit_identical_to_the_branching_form() {
+        // Every f32 whose exponent puts it in the interesting range (|x| from 2^-24 to 2^8,
+        // covering the clamp at ±86.6), with a stride, plus the special values.
+        let mut bits = 0u32;
+        loop {
+            exp_approx_check(bits);
+            exp_approx_check(bits | 0x8000_0000);
+            bits = match bits.checked_add(if (0x3380_0000..0x4380_0000).contains(&bits) {
+                97
+            } else {
+                9_973
+            }) {
+                Some(b) if b < 0x8000_0000 => b,
+                _ => break,
+            };
+        }
+        for x in [
+            0.0f32,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            86.6,
+            -86.6,
+            1.0,
+        ] {
+            exp_approx_check(x.to_bits());
+        }
+    }
+
+    /// The whole f32 range (`cargo test --release -p predictor -- --ignored exp_approx`).
+    #[test]
+    #[ignore]
+    fn exp_approx_is_bit_identical_everywhere() {
+        for bits in 0..=u32::MAX {
+            exp_approx_check(bits);
         }
     }
 

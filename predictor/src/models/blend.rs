@@ -71,6 +71,8 @@ const MIN_MASS: f32 = 3e-4;
 /// short one (orders `low_order..=0`) and a bag chain (the last two services in any order, then
 /// orders 1 and 0). Expert `e` belongs to scope `e / 3`.
 const EXPERTS: usize = 9;
+/// [`EXPERTS`] rounded up to whole SIMD lanes of 4.
+const LANES: usize = 12;
 
 /// What the blend learns per client (and model-wide, as the prior of new clients).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -191,7 +193,7 @@ pub struct Blend {
 }
 
 /// Each expert's PPM-C weights over its scope's tables.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Default)]
 struct Experts {
     /// `w[e][slot]`: weight of table `slot` (order, or the bag) of scope `e / 3` in expert `e`.
     w: [[f32; SLOTS]; EXPERTS],
@@ -204,12 +206,26 @@ impl Experts {
     /// The same arithmetic as `rank::ppm_chain` over the chains `hi..=0` (long), `lo..=0` (short)
     /// and `BAG, 1, 0` (bag, if the bag table has data), specialised: the chains are
     /// descending runs of orders, so each is walked once with per-table values shared.
+    #[cfg(test)]
     fn new(stats: &Stats, hi: usize, lo: usize) -> Self {
-        let mut w = [[0.0; SLOTS]; EXPERTS];
-        let mut avail = [false; EXPERTS];
+        let mut ex = Self {
+            w: [[0.0; SLOTS]; EXPERTS],
+            avail: [false; EXPERTS],
+        };
+        ex.fill(stats, hi, lo);
+        ex
+    }
+
+    /// The experts' weights (see `new`, the test reference's entry point) written in place
+    /// (no copy of the result).
+    fn fill(&mut self, stats: &Stats, hi: usize, lo: usize) {
+        let Self { w, avail } = self;
+        *w = [[0.0; SLOTS]; EXPERTS];
+        *avail = [false; EXPERTS];
         for s in [CLIENT, GROUP, GLOBAL] {
             let st = &stats[s];
-            let ok: [bool; SLOTS] = std::array::from_fn(|i| st[i].0 > 0.0 && st[i].1 > 0.0);
+            // `&` rather than `&&`: no branches (measured: fewer instructions).
+            let ok: [bool; SLOTS] = std::array::from_fn(|i| (st[i].0 > 0.0) & (st[i].1 > 0.0));
             // Lowest usable order: where the descending chains end (all end at order 0's
             // side, so the last usable table of each is the lowest usable one it visits).
             let Some(low) = (0..=hi).find(|&i| ok[i]) else {
@@ -247,7 +263,6 @@ impl Experts {
                 avail[e] = w[e].iter().any(|&x| x > 0.0);
             }
         }
-        Self { w, avail }
     }
 
     /// Mixture weights `w`, scaled by each scope's data (`n0[scope]`, see
@@ -271,17 +286,71 @@ impl Experts {
     }
 }
 
-/// `(total, distinct)` of every table of a context, `[scope][slot]`: all that [`Experts::new`]
+/// `(total, distinct)` of every table of a context, `[scope][slot]`: all that [`Experts::fill`]
 /// depends on (the orders are fixed per model).
 type Stats = [[(f32, f32); SLOTS]; 3];
 
 /// The experts' weights last computed by `predict`, so that the `observe` that follows (which
 /// sees the same tables just before updating them) need not recompute them. Pure memoisation
-/// of [`Experts::new`] keyed by its whole input, so a hit gives exactly what a recomputation
-/// would. Behind a `Mutex` only so that `Blend` stays `Sync`: `predict` (`&self`) fills it when
-/// the lock is free (`try_lock`, never waits), `observe` (`&mut self`) reads it without locking.
+/// of [`Experts::fill`] keyed by the bits of its whole input, so a hit gives exactly what a
+/// recomputation would. Behind a `Mutex` only so that `Blend` stays `Sync`: `predict` (`&self`) fills it when
+/// the lock is free (`try_lock`, never waits; otherwise it works on a fresh local copy),
+/// `observe` (`&mut self`) reads it without locking.
 #[derive(Default)]
-struct ExpertMemo(std::sync::Mutex<Option<(Stats, Experts)>>);
+struct ExpertMemo(std::sync::Mutex<Scratch>);
+
+/// What the lock holds: the memo, and the candidate buffer of the ranking (reused, so it is
+/// not initialised anew for every prediction).
+#[derive(Default)]
+struct Scratch {
+    memo: Memo,
+    cands: Cands,
+}
+
+/// The memo's content, filled in place; `valid` until the first fill.
+#[derive(Default)]
+struct Memo {
+    valid: bool,
+    /// The bits of the statistics the experts were computed from: equal bits give equal
+    /// experts (a stricter test than float equality, and one that vectorises).
+    key: StatBits,
+    ex: Experts,
+}
+
+/// [`Stats`] as bits, `[scope][slot][total, distinct]`.
+type StatBits = [[[u32; 2]; SLOTS]; 3];
+
+fn stat_bits(stats: &Stats) -> StatBits {
+    std::array::from_fn(|s| {
+        std::array::from_fn(|i| [stats[s][i].0.to_bits(), stats[s][i].1.to_bits()])
+    })
+}
+
+impl Memo {
+    /// The experts for `stats`, recomputed (in place) unless they are the memoised ones.
+    #[inline]
+    fn experts(&mut self, stats: &Stats, hi: usize, lo: usize) -> &Experts {
+        let key = stat_bits(stats);
+        if !(self.valid && self.key == key) {
+            self.store(key, stats, hi, lo);
+        }
+        &self.ex
+    }
+
+    /// The experts for `stats`, computed and memoised without looking at the memo first
+    /// (for `predict`, whose tables have almost always changed since the last `observe`).
+    #[inline]
+    fn recompute(&mut self, stats: &Stats, hi: usize, lo: usize) -> &Experts {
+        self.store(stat_bits(stats), stats, hi, lo);
+        &self.ex
+    }
+
+    fn store(&mut self, key: StatBits, stats: &Stats, hi: usize, lo: usize) {
+        self.valid = true;
+        self.key = key;
+        self.ex.fill(stats, hi, lo);
+    }
+}
 
 impl Clone for ExpertMemo {
     fn clone(&self) -> Self {
@@ -366,22 +435,6 @@ impl Blend {
         me
     }
 
-    /// [`Experts::new`] for this model's orders, through the memo (see [`ExpertMemo`]).
-    /// [`Experts::new`] for this model's orders, through the memo (see [`ExpertMemo`]).
-    fn experts(&self, stats: &Stats) -> Experts {
-        let Ok(mut memo) = self.memo.0.try_lock() else {
-            return Experts::new(stats, self.core.hi, self.low());
-        };
-        match &*memo {
-            Some((s, ex)) if s == stats => *ex,
-            _ => {
-                let ex = Experts::new(stats, self.core.hi, self.low());
-                *memo = Some((*stats, ex));
-                ex
-            }
-        }
-    }
-
     fn low(&self) -> usize {
         self.params.low_order.min(self.core.hi)
     }
@@ -408,21 +461,31 @@ impl Blend {
         if mix > 0.0 && mass > 0.0 {
             let mix = mix / mass;
             let n = n as f32;
-            let mut new = [0.0f32; EXPERTS];
+            // Every expert's factor at once, in lanes of 4 (`exp_approx` is branch-free, so
+            // this loop vectorises); only the available experts' factors are used.
+            let mut x = [0.0f32; LANES];
+            for e in 0..EXPERTS {
+                x[e] = p.rate * (probs[e] / mix - 1.0);
+            }
+            for v in &mut x {
+                *v = exp_approx(*v);
+            }
+            let new: [f32; EXPERTS] = std::array::from_fn(|e| skill.w[e] * x[e]);
             let mut sum = 0.0;
             for e in 0..EXPERTS {
                 if avail[e] {
-                    new[e] = skill.w[e] * exp_approx(p.rate * (probs[e] / mix - 1.0));
                     sum += new[e];
                 }
             }
             if sum > 0.0 && sum.is_finite() {
                 let (keep, spread) = (1.0 - p.share, p.share * mass / n);
                 for e in 0..EXPERTS {
-                    if avail[e] {
-                        let w = mass * new[e] / sum;
-                        skill.w[e] = keep * w + spread;
-                    }
+                    let w = mass * new[e] / sum;
+                    skill.w[e] = if avail[e] {
+                        keep * w + spread
+                    } else {
+                        skill.w[e]
+                    };
                 }
             }
         }
@@ -442,12 +505,9 @@ impl Blend {
         at: Millis,
     ) {
         let prior = &self.global;
-        self.core.touch(client, group, at.0, || prior.clone());
-        let Some(c) = self.core.clients.get(&client) else {
-            return;
-        };
-        let first = c.events == 0;
-        let gap = (!first).then(|| at.0.saturating_sub(c.last_at));
+        let (events, last_at) = self.core.touch(client, group, at.0, || prior.clone());
+        let first = events == 0;
+        let gap = (!first).then(|| at.0.saturating_sub(last_at));
         let mut stats = [[(0.0f32, 0.0f32); SLOTS]; 3];
         let mut counts = [[0.0f32; SLOTS]; 3];
         self.core
@@ -455,13 +515,25 @@ impl Blend {
                 stats[s][slot] = (pre.total, pre.distinct);
                 counts[s][slot] = pre.count;
             });
+        let (hi, lo) = (self.core.hi, self.low());
+        let mut own_ex;
         let ex = match self.memo.0.get_mut() {
-            Ok(Some((memo_stats, ex))) if *memo_stats == stats => *ex,
-            _ => Experts::new(&stats, self.core.hi, self.low()),
-        };
-        let mut probs = [0.0f32; EXPERTS];
-        for (e, p) in probs.iter_mut().enumerate() {
-            *p = ex.w[e].iter().zip(&counts[e / 3]).map(|(w, n)| w * n).sum();
+            Ok(s) => &mut s.memo,
+            Err(_) => {
+                own_ex = Memo::default();
+                &mut own_ex
+            }
+        }
+        .experts(&stats, hi, lo);
+        // Each expert's probability of the service, `Σ_slot w[e][slot] · count[slot]` summed
+        // in slot order (as `Iterator::sum`, from -0.0), all experts at once (vectorises).
+        let mut probs = [-0.0f32; EXPERTS];
+        // The slot indexes the weights of every expert and the counts of every scope.
+        #[allow(clippy::needless_range_loop)]
+        for slot in 0..SLOTS {
+            for (e, p) in probs.iter_mut().enumerate() {
+                *p += ex.w[e][slot] * counts[e / 3][slot];
+            }
         }
         let repeat = (!first).then_some(counts[CLIENT][0] > 0.0);
         let p = self.params;
@@ -477,8 +549,17 @@ impl Blend {
         let Some(c) = self.core.clients.get(&client) else {
             return;
         };
-        let mut cands = Cands::new();
-        self.rank(c, &mut cands);
+        let mut guard = self.memo.0.try_lock().ok();
+        let mut local;
+        let Scratch { memo, cands } = match guard.as_deref_mut() {
+            Some(s) => s,
+            None => {
+                local = Scratch::default();
+                &mut local
+            }
+        };
+        cands.clear();
+        self.rank(c, memo, cands);
         cands.finish(k, c.last_at, at, out);
     }
 
@@ -497,8 +578,17 @@ impl Blend {
         let Some(c) = self.core.clients.get(&client) else {
             return;
         };
-        let mut cands = Cands::new();
-        let own = self.rank(c, &mut cands);
+        let mut guard = self.memo.0.try_lock().ok();
+        let mut local;
+        let Scratch { memo, cands } = match guard.as_deref_mut() {
+            Some(s) => s,
+            None => {
+                local = Scratch::default();
+                &mut local
+            }
+        };
+        cands.clear();
+        let own = self.rank(c, memo, cands);
         let skill = &c.ext;
         for u in &skill.uses {
             cands.add(u.service, 0.0, 0.0);
@@ -538,11 +628,16 @@ impl Blend {
 
     /// The next-step scores of `c`'s candidates (into `cands`, which must be empty); returns
     /// the client's own order-0 table.
-    fn rank<'a>(&'a self, c: &'a ClientState<Skill>, cands: &mut Cands) -> Option<&'a Dist> {
+    fn rank<'a>(
+        &'a self,
+        c: &'a ClientState<Skill>,
+        memo: &mut Memo,
+        cands: &mut Cands,
+    ) -> Option<&'a Dist> {
         let v = self.core.view(c);
         let t = tables(&v);
         let stats = stats_of(&t);
-        let ex = self.experts(&stats);
+        let ex = memo.recompute(&stats, self.core.hi, self.low());
         let skill = if c.events >= self.params.own_after {
             &c.ext
         } else {

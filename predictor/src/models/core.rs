@@ -223,16 +223,16 @@ impl<X: Clone> Core<X> {
     }
 
     /// Makes sure `client` (and its group, if given) exist; `make` builds a new client's
-    /// extension. Returns whether the client is new.
+    /// extension. Returns the client's `(events, last_at)` (0 events if it is new).
     pub fn touch(
         &mut self,
         client: ClientId,
         group: Option<GroupId>,
         at: u64,
         make: impl FnOnce() -> X,
-    ) -> bool {
+    ) -> (u32, u64) {
         let serial = self.serial();
-        let (c, created) = self.clients.upsert(client, at, || ClientState {
+        let (c, _) = self.clients.upsert(client, at, || ClientState {
             serial,
             group: None,
             hist: [NONE; MAX_ORDER],
@@ -245,6 +245,7 @@ impl<X: Clone> Core<X> {
             c.group = group;
         }
         let (group, member) = (c.group, c.serial);
+        let seen = (c.events, c.last_at);
         if let Some(g) = group {
             if self.scopes[GROUP] {
                 let serial = self.serial();
@@ -258,47 +259,21 @@ impl<X: Clone> Core<X> {
                 gs.shared |= gs.first != member;
             }
         }
-        created
+        seen
     }
 
     fn scope_ids(&self, c: &ClientState<X>) -> [Option<u64>; 3] {
-        let group = if self.scopes[GROUP] {
-            c.group
-                .and_then(|g| self.groups.get(&g))
-                .filter(|g| g.shared)
-                .map(|g| TAG_GROUP | g.serial)
-        } else {
-            None
-        };
-        [
-            self.scopes[CLIENT].then_some(TAG_CLIENT | c.serial),
-            group,
-            self.scopes[GLOBAL].then_some(TAG_GLOBAL),
-        ]
+        scope_ids(&self.scopes, &self.groups, c)
     }
 
     #[inline]
     fn key(scope: u64, hist: &[u32; MAX_ORDER], order: usize) -> Option<CtxKey> {
-        if order > 0 && hist[order - 1] == NONE {
-            return None;
-        }
-        // Element-wise select: a variable-length `copy_from_slice` becomes a `memcpy` call.
-        let h = std::array::from_fn(|i| if i < order { hist[i] } else { NONE });
-        Some(CtxKey { scope, hist: h })
+        key(scope, hist, order)
     }
 
     #[inline]
     fn bag_key(scope: u64, hist: &[u32; MAX_ORDER]) -> Option<CtxKey> {
-        if hist[1] == NONE {
-            return None;
-        }
-        let mut h = [NONE; MAX_ORDER];
-        h[0] = hist[0].min(hist[1]);
-        h[1] = hist[0].max(hist[1]);
-        Some(CtxKey {
-            scope: scope | BAG,
-            hist: h,
-        })
+        bag_key(scope, hist)
     }
 
     /// The count tables of `c`'s current context.
@@ -350,24 +325,29 @@ impl<X: Clone> Core<X> {
         at: u64,
         mut pre: impl FnMut(usize, usize, Pre),
     ) {
-        let Some(c) = self.clients.get(&client) else {
+        // One client lookup: the client's entry and the context slab are disjoint fields, so
+        // the client's history and handles are read and rewritten in place (no copies of the
+        // handle arrays).
+        let Some(c) = self.clients.get_mut(&client) else {
             return;
         };
-        let ids = self.scope_ids(c);
+        let ids = scope_ids(&self.scopes, &self.groups, c);
         let hist = c.hist;
-        let cur = c.cur;
         let delay = if c.events > 0 {
             at.saturating_sub(c.last_at) as f32
         } else {
             0.0
         };
         let next_hist = [service, hist[0], hist[1], hist[2]];
-        let mut next = Handles::default();
+        let (lo, hi, bag) = (self.lo, self.hi, self.bag);
         for (scope, id) in ids.into_iter().enumerate() {
-            let Some(id) = id else { continue };
-            let hints = cur.of(scope, id);
+            let Some(id) = id else {
+                c.cur.ids[scope] = None;
+                continue;
+            };
+            let hints = c.cur.of(scope, id);
             let mut done: Updated = [None; SLOTS];
-            for slot in (self.lo..=self.hi).chain(self.bag.then_some(BAG_SLOT)) {
+            for slot in (lo..=hi).chain(bag.then_some(BAG_SLOT)) {
                 // A valid hint is this context's table (see `Handles`); the key is only built
                 // when it is not.
                 let s = match self.ctx.check(hints[slot]) {
@@ -398,84 +378,13 @@ impl<X: Clone> Core<X> {
                 );
                 done[slot] = Some((self.ctx.hint(s), pos));
             }
-            next.ids[scope] = Some(id);
-            next.h[scope] = self.next_handles(scope, id, &done, &next_hist);
+            c.cur.ids[scope] = Some(id);
+            c.cur.h[scope] =
+                next_handles(&mut self.ctx, (lo, hi, bag), scope, id, &done, &next_hist);
         }
-        if let Some(c) = self.clients.get_mut(&client) {
-            c.hist = next_hist;
-            c.last_at = c.last_at.max(at);
-            c.events = c.events.saturating_add(1);
-            c.cur = next;
-        }
-    }
-
-    /// Slots of the tables of the context after an update (`hist` already shifted), following
-    /// the links of the tables just updated (`done`) and recording the ones found by lookup.
-    fn next_handles(
-        &mut self,
-        scope: usize,
-        id: u64,
-        done: &Updated,
-        hist: &[u32; MAX_ORDER],
-    ) -> [Hint; SLOTS] {
-        let miss = if scope == CLIENT { ABSENT } else { NO_HINT };
-        let mut out = [NO_HINT; SLOTS];
-        // Tables updated by this event are still valid unless a later upsert evicted them.
-        let live = |ctx: &Slab<CtxKey, Dist>, k: usize| {
-            done[k].and_then(|(h, pos)| ctx.check(h).map(|s| (s, pos)))
-        };
-        for order in self.lo..=self.hi {
-            // Order 0 has no history: the same table again.
-            if order == 0 {
-                out[0] = match live(&self.ctx, 0) {
-                    Some((s, _)) => self.ctx.hint(s),
-                    None => self.lookup(&Self::key(id, hist, 0), miss),
-                };
-                continue;
-            }
-            let Some(key) = Self::key(id, hist, order) else {
-                continue;
-            };
-            out[order] = match live(&self.ctx, order - 1) {
-                Some((ps, pos)) => self.follow(ps, pos, &key, miss),
-                None => self.lookup(&Some(key), miss),
-            };
-        }
-        if self.bag {
-            if let Some(key) = Self::bag_key(id, hist) {
-                out[BAG_SLOT] = self.lookup(&Some(key), miss);
-            }
-        }
-        out
-    }
-
-    /// The hint of `key`'s table (one hash lookup), `miss` if there is none.
-    #[inline]
-    fn lookup(&self, key: &Option<CtxKey>, miss: Hint) -> Hint {
-        key.as_ref()
-            .and_then(|k| self.ctx.slot_of(k))
-            .map_or(miss, |s| self.ctx.hint(s))
-    }
-
-    /// The slot of `key`, following the link of entry `pos` of the table in slot `ps` (and
-    /// refreshing that link after a hash lookup); `miss` if the table does not exist.
-    #[inline(always)]
-    fn follow(&mut self, ps: u32, pos: usize, key: &CtxKey, miss: Hint) -> Hint {
-        let link = self
-            .ctx
-            .at(ps)
-            .and_then(|d| d.entries.get(pos))
-            .map_or(NO_SLOT, |e| e.child);
-        if self.ctx.holds(link, key) {
-            self.ctx.hint(link)
-        } else if let Some(found) = self.ctx.slot_of(key) {
-            if let Some(e) = self.ctx.at_mut(ps).and_then(|d| d.entries.get_mut(pos)) {
-                e.child = found;
-            }
-            self.ctx.hint(found)
-        } else {
-            miss
-        }
+        c.hist = next_hist;
+        c.last_at = c.last_at.max(at);
+        c.events = c.events.saturating_add(1);
     }
 
     pub fn forget_client(&mut self, client: ClientId) {
@@ -562,5 +471,123 @@ impl<X: Clone> Core<X> {
             }
         }
         self.ctx = Slab::from_entries(self.ctx.cap(), ttl, ctx);
+    }
+}
+
+/// The scope ids of `c`'s contexts (`None` for a scope not counted, or a group not yet
+/// shared by two clients).
+#[inline]
+fn scope_ids<X>(
+    scopes: &[bool; 3],
+    groups: &Bounded<GroupId, GroupState>,
+    c: &ClientState<X>,
+) -> [Option<u64>; 3] {
+    let group = if scopes[GROUP] {
+        c.group
+            .and_then(|g| groups.get(&g))
+            .filter(|g| g.shared)
+            .map(|g| TAG_GROUP | g.serial)
+    } else {
+        None
+    };
+    [
+        scopes[CLIENT].then_some(TAG_CLIENT | c.serial),
+        group,
+        scopes[GLOBAL].then_some(TAG_GLOBAL),
+    ]
+}
+
+#[inline]
+fn key(scope: u64, hist: &[u32; MAX_ORDER], order: usize) -> Option<CtxKey> {
+    if order > 0 && hist[order - 1] == NONE {
+        return None;
+    }
+    // Element-wise select: a variable-length `copy_from_slice` becomes a `memcpy` call.
+    let h = std::array::from_fn(|i| if i < order { hist[i] } else { NONE });
+    Some(CtxKey { scope, hist: h })
+}
+
+#[inline]
+fn bag_key(scope: u64, hist: &[u32; MAX_ORDER]) -> Option<CtxKey> {
+    if hist[1] == NONE {
+        return None;
+    }
+    let mut h = [NONE; MAX_ORDER];
+    h[0] = hist[0].min(hist[1]);
+    h[1] = hist[0].max(hist[1]);
+    Some(CtxKey {
+        scope: scope | BAG,
+        hist: h,
+    })
+}
+
+/// Slots of the tables of the context after an update (`hist` already shifted), following
+/// the links of the tables just updated (`done`) and recording the ones found by lookup;
+/// `orders` = the engine's `(lo, hi, bag)`.
+#[inline(always)]
+fn next_handles(
+    ctx: &mut Slab<CtxKey, Dist>,
+    (lo, hi, bag): (usize, usize, bool),
+    scope: usize,
+    id: u64,
+    done: &Updated,
+    hist: &[u32; MAX_ORDER],
+) -> [Hint; SLOTS] {
+    let miss = if scope == CLIENT { ABSENT } else { NO_HINT };
+    let mut out = [NO_HINT; SLOTS];
+    // Tables updated by this event are still valid unless a later upsert evicted them.
+    let live = |ctx: &Slab<CtxKey, Dist>, k: usize| {
+        done[k].and_then(|(h, pos)| ctx.check(h).map(|s| (s, pos)))
+    };
+    for order in lo..=hi {
+        // Order 0 has no history: the same table again.
+        if order == 0 {
+            out[0] = match live(ctx, 0) {
+                Some((s, _)) => ctx.hint(s),
+                None => lookup(ctx, &key(id, hist, 0), miss),
+            };
+            continue;
+        }
+        let Some(key) = key(id, hist, order) else {
+            continue;
+        };
+        out[order] = match live(ctx, order - 1) {
+            Some((ps, pos)) => follow(ctx, ps, pos, &key, miss),
+            None => lookup(ctx, &Some(key), miss),
+        };
+    }
+    if bag {
+        if let Some(key) = bag_key(id, hist) {
+            out[BAG_SLOT] = lookup(ctx, &Some(key), miss);
+        }
+    }
+    out
+}
+
+/// The hint of `key`'s table (one hash lookup), `miss` if there is none.
+#[inline]
+fn lookup(ctx: &Slab<CtxKey, Dist>, key: &Option<CtxKey>, miss: Hint) -> Hint {
+    key.as_ref()
+        .and_then(|k| ctx.slot_of(k))
+        .map_or(miss, |s| ctx.hint(s))
+}
+
+/// The slot of `key`, following the link of entry `pos` of the table in slot `ps` (and
+/// refreshing that link after a hash lookup); `miss` if the table does not exist.
+#[inline(always)]
+fn follow(ctx: &mut Slab<CtxKey, Dist>, ps: u32, pos: usize, key: &CtxKey, miss: Hint) -> Hint {
+    let link = ctx
+        .at(ps)
+        .and_then(|d| d.entries.get(pos))
+        .map_or(NO_SLOT, |e| e.child);
+    if ctx.holds(link, key) {
+        ctx.hint(link)
+    } else if let Some(found) = ctx.slot_of(key) {
+        if let Some(e) = ctx.at_mut(ps).and_then(|d| d.entries.get_mut(pos)) {
+            e.child = found;
+        }
+        ctx.hint(found)
+    } else {
+        miss
     }
 }

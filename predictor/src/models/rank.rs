@@ -44,6 +44,12 @@ pub(crate) struct Cands {
     index: [u8; INDEX],
 }
 
+impl Default for Cands {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Cands {
     #[inline(always)]
     pub fn new() -> Self {
@@ -52,6 +58,13 @@ impl Cands {
             len: 0,
             index: [0; INDEX],
         }
+    }
+
+    /// Empties the set (only the index is cleared: items past `len` are never read).
+    #[inline]
+    pub fn clear(&mut self) {
+        self.len = 0;
+        self.index = [0; INDEX];
     }
 
     /// Position of `service` in `items`, or the empty index slot where it would go.
