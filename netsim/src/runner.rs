@@ -237,11 +237,6 @@ impl Sim {
                     Some(0) => None,
                     Some(ms) => Some((Duration::from_millis(ms), p.gossip_members)),
                 },
-                idle_connection_close: if p.membership_idle_close_ms > 0 {
-                    Duration::from_millis(p.membership_idle_close_ms)
-                } else {
-                    MembershipConfig::default().idle_connection_close
-                },
                 ..MembershipConfig::default()
             },
             transport: TransportSettings {

@@ -296,8 +296,6 @@ pub struct Peers {
     pub gossip_ms: Option<u64>,
     /// Members per periodic gossip round.
     pub gossip_members: usize,
-    /// Close membership-only connections idle this long, ms (0 = overlay's default, 3000).
-    pub membership_idle_close_ms: u64,
 }
 
 impl Default for Peers {
@@ -320,7 +318,6 @@ impl Default for Peers {
             max_streams_per_connection: 0,
             gossip_ms: None,
             gossip_members: 3,
-            membership_idle_close_ms: 0,
         }
     }
 }
