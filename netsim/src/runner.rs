@@ -237,6 +237,11 @@ impl Sim {
                     Some(0) => None,
                     Some(ms) => Some((Duration::from_millis(ms), p.gossip_members)),
                 },
+                gossip_first_contacts_per_s: match p.gossip_first_contacts_per_s {
+                    None => MembershipConfig::default().gossip_first_contacts_per_s,
+                    Some(n) if n < 0 => None,
+                    Some(n) => Some(n.min(i64::from(u32::MAX)) as u32),
+                },
                 ..MembershipConfig::default()
             },
             transport: TransportSettings {

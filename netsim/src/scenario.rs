@@ -296,6 +296,10 @@ pub struct Peers {
     pub gossip_ms: Option<u64>,
     /// Members per periodic gossip round.
     pub gossip_members: usize,
+    /// First contacts per second periodic gossip may make before it is redirected to members
+    /// with a membership-channel session (unset = the overlay's default, 2; -1 = never
+    /// redirect; 0 = always).
+    pub gossip_first_contacts_per_s: Option<i64>,
 }
 
 impl Default for Peers {
@@ -318,6 +322,7 @@ impl Default for Peers {
             max_streams_per_connection: 0,
             gossip_ms: None,
             gossip_members: 3,
+            gossip_first_contacts_per_s: None,
         }
     }
 }

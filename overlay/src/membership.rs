@@ -127,6 +127,13 @@ pub struct MembershipConfig {
     /// (docs/BENCHMARKS.md "Membership"): off makes the last peer see a crash 10.4 s after it
     /// instead of 5.5 s; 500 ms × 1 gives 7.7 s.
     pub periodic_gossip: Option<(Duration, usize)>,
+    /// First contacts per second that periodic gossip may make (burst: twice as many). Each
+    /// costs a signed hello and certificate check on the membership channel, and during a
+    /// join storm foca would gossip to ~15 fresh members a second; past this budget, gossip for
+    /// a member without a session goes to a random member with one (once there are 8).
+    /// Default 2/s. None: never redirect. Measured (docs/BENCHMARKS.md "Scale"): always
+    /// redirecting made the 100-peer crash detection 1.4 s slower.
+    pub gossip_first_contacts_per_s: Option<u32>,
 }
 
 impl Default for MembershipConfig {
@@ -139,6 +146,7 @@ impl Default for MembershipConfig {
             max_packet_size: 1100,
             cluster_size_hint: 32,
             periodic_gossip: Some((Duration::from_millis(200), 3)),
+            gossip_first_contacts_per_s: Some(2),
         }
     }
 }
@@ -183,6 +191,13 @@ pub fn readdress_gossip(data: &[u8], to: &PeerIdentity) -> Option<Vec<u8>> {
     PostcardCodec.encode_header(&header, &mut out).ok()?;
     out.extend_from_slice(buf);
     Some(out)
+}
+
+/// Whether `data` is one of foca's periodic-gossip packets.
+pub fn is_gossip(data: &[u8]) -> bool {
+    let mut buf = data;
+    let header: Result<foca::Header<PeerIdentity>, _> = PostcardCodec.decode_header(&mut buf);
+    header.is_ok_and(|h| h.message == foca::Message::Gossip)
 }
 
 /// SWIM membership state machine for one node.

@@ -152,6 +152,7 @@ impl std::fmt::Debug for Node {
 struct Inner {
     info: CertInfo,
     me: PeerIdentity,
+    membership_config: crate::membership::MembershipConfig,
     endpoint: quinn::Endpoint,
     /// The UDP socket shared with quinn; membership-channel datagrams are sent on it directly.
     udp: Arc<crate::demux::DemuxSocket>,
@@ -379,6 +380,7 @@ impl Node {
         let inner = Arc::new(Inner {
             info,
             me,
+            membership_config: config.membership.clone(),
             endpoint,
             udp,
             client_config: RwLock::new(client_config),
@@ -1415,6 +1417,30 @@ struct Actor {
     channel: crate::channel::Channel,
     timers: BinaryHeap<TimerEntry>,
     seq: u64,
+    /// Token bucket of first contacts periodic gossip may still make (tokens, last refill).
+    fresh_gossip: Option<FreshBudget>,
+}
+
+/// A token bucket on tokio's clock.
+struct FreshBudget {
+    rate: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl FreshBudget {
+    fn take(&mut self, now: Instant) -> bool {
+        let burst = 2.0 * self.rate;
+        self.tokens =
+            (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(burst);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 async fn membership_actor(
@@ -1424,11 +1450,20 @@ async fn membership_actor(
     channel: crate::channel::Channel,
     mut packets: mpsc::Receiver<(SocketAddr, Bytes)>,
 ) {
+    let fresh_gossip = inner
+        .membership_config
+        .gossip_first_contacts_per_s
+        .map(|r| FreshBudget {
+            rate: f64::from(r),
+            tokens: 2.0 * f64::from(r),
+            at: Instant::now(),
+        });
     let mut a = Actor {
         m,
         channel,
         timers: BinaryHeap::new(),
         seq: 0,
+        fresh_gossip,
     };
     drain_membership(&inner, &mut a);
     loop {
@@ -1546,6 +1581,7 @@ fn flush_channel(inner: &Inner, channel: &mut crate::channel::Channel) {
 
 fn drain_membership(inner: &Arc<Inner>, a: &mut Actor) {
     while let Some((to, data)) = a.m.poll_transmit() {
+        let (to, data) = retarget_gossip(inner, a, to, data);
         send_membership(inner, &mut a.channel, to, data);
     }
     let now = Instant::now();
@@ -1623,19 +1659,31 @@ const MIN_GOSSIP_NEIGHBOURS: usize = 8;
 
 /// foca sends periodic gossip to fresh random members; on the membership channel each fresh
 /// member costs a signed first contact (public-key operations on both sides), which during a
-/// join storm is most of a peer's CPU. Gossip to a member without a session therefore goes to
-/// a random member we hold a session with instead (once we have a few): the same updates, the
-/// same fan-out, spread over a random graph that grows with every probe. Probes, acks and
-/// announces always go to their real target.
+/// join storm is most of a peer's CPU. Past a budget of first contacts per second
+/// (`gossip_first_contacts_per_s`), gossip to a member without a session therefore goes to a
+/// random member we hold a session with instead (once we have a few): the same updates, the
+/// same fan-out, over a random graph that grows with every probe. Probes, acks and announces
+/// always go to their real target.
 fn retarget_gossip(
     inner: &Inner,
-    channel: &crate::channel::Channel,
+    a: &mut Actor,
     to: PeerIdentity,
     data: Bytes,
 ) -> (PeerIdentity, Bytes) {
-    if channel.has_session(to.node_id) || channel.session_peers() < MIN_GOSSIP_NEIGHBOURS {
+    let channel = &a.channel;
+    if channel.has_session(to.node_id)
+        || channel.session_peers() < MIN_GOSSIP_NEIGHBOURS
+        || !crate::membership::is_gossip(&data)
+    {
         return (to, data);
     }
+    let Some(budget) = a.fresh_gossip.as_mut() else {
+        return (to, data);
+    };
+    if budget.take(Instant::now()) {
+        return (to, data);
+    }
+    let channel = &a.channel;
     let pick = lock(&inner.rng).random_range(0..usize::MAX);
     let Some(n) = channel.session_peer(pick) else {
         return (to, data);
@@ -1660,7 +1708,6 @@ fn send_membership(
     if to.node_id == inner.info.node_id {
         return;
     }
-    let (to, data) = retarget_gossip(inner, channel, to, data);
     let mut buf = Vec::with_capacity(data.len() + 1);
     buf.push(wire::DATAGRAM_MEMBERSHIP);
     buf.extend_from_slice(&data);
