@@ -144,9 +144,9 @@ async fn five_peers_join_under_20_percent_packet_loss() {
     }
 }
 
-/// Regression (issue 5): membership needs no QUIC connection per member. Peers other than the
-/// bootstrap dial only the bootstrap (join and its catalog pull), yet hold membership-channel
-/// sessions with each other.
+/// Regression (issue 5): membership needs no QUIC connection per member. A joiner dials only the
+/// bootstrap and, for its catalog pull, its first member (the bootstrap or another), yet holds
+/// membership-channel sessions with the others.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn membership_needs_no_connection_per_member() {
     let ca = test_ca();
@@ -165,16 +165,19 @@ async fn membership_needs_no_connection_per_member() {
     .expect("cluster of six forms");
     // Let a few probe rounds pass (probes every 100 ms).
     tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut dials = 0;
     for n in &others {
         let s = n.stats().snapshot();
+        dials += s.connections_dialed;
+        assert!(s.connections_dialed <= 2, "{}: {s:?}", n.name());
         assert!(
-            s.connections_dialed <= 1 && s.connections_accepted == 0,
-            "{}: only the bootstrap dial: {s:?}",
+            s.membership_sessions >= 3,
+            "{}: sessions with members it has no connection to: {s:?}",
             n.name()
         );
-        assert!(s.membership_sessions >= 2, "{}: {s:?}", n.name());
         assert_eq!(s.membership_channel_dropped, 0, "{}", n.name());
     }
+    assert!(dials <= 10, "{dials} dials for 5 joins");
     for n in others.iter().chain([&a]) {
         n.shutdown().await;
     }
