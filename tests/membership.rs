@@ -143,3 +143,86 @@ async fn five_peers_join_under_20_percent_packet_loss() {
         n.shutdown().await;
     }
 }
+
+/// Regression (issue 5): membership needs no QUIC connection per member. A joiner dials only the
+/// bootstrap and, for its catalog pull, its first member (the bootstrap or another), yet holds
+/// membership-channel sessions with the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_needs_no_connection_per_member() {
+    let ca = test_ca();
+    let a = spawn(&ca, "a", &[], vec![], vec![]).await;
+    let mut others = Vec::new();
+    for name in ["b", "c", "d", "e", "f"] {
+        others.push(spawn(&ca, name, &[a.addr()], vec![], vec![]).await);
+    }
+    timeout(Duration::from_secs(20), async {
+        a.wait_members(|n| n == 5).await;
+        for n in &others {
+            n.wait_members(|n| n == 5).await;
+        }
+    })
+    .await
+    .expect("cluster of six forms");
+    // Let a few probe rounds pass (probes every 100 ms).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut dials = 0;
+    for n in &others {
+        let s = n.stats().snapshot();
+        dials += s.connections_dialed;
+        assert!(s.connections_dialed <= 2, "{}: {s:?}", n.name());
+        assert!(
+            s.membership_sessions >= 3,
+            "{}: sessions with members it has no connection to: {s:?}",
+            n.name()
+        );
+        assert_eq!(s.membership_channel_dropped, 0, "{}", n.name());
+    }
+    assert!(dials <= 10, "{dials} dials for 5 joins");
+    for n in others.iter().chain([&a]) {
+        n.shutdown().await;
+    }
+}
+
+/// A node whose certificate is not from the overlay CA cannot join through the membership
+/// channel: its signed hello, sent straight to a member's UDP socket, is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hello_from_a_foreign_ca_is_dropped() {
+    use overlay::channel::{local_identity, Channel, ChannelConfig};
+    let ca = test_ca();
+    let a = spawn(&ca, "a", &[], vec![], vec![]).await;
+    let evil = test_ca();
+    let outsider = identity(&evil, "outsider");
+    let mut ch = Channel::new(
+        local_identity(&outsider).unwrap(),
+        overlay::tls::chain_verifier(&outsider).unwrap(),
+        Default::default(),
+        ChannelConfig::default(),
+        0,
+    );
+    #[allow(clippy::disallowed_methods)] // the test's wall clock, like the driver's
+    let unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    // A foca announce would follow the kind byte; any payload will do to be refused.
+    ch.send(
+        tokio::time::Instant::now(),
+        unix_ms,
+        a.node_id(),
+        a.addr(),
+        &[1, 0, 0],
+    )
+    .unwrap();
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    while let Some((to, pkt)) = ch.poll_transmit() {
+        sock.send_to(&pkt, to).unwrap();
+    }
+    wait_until("hello dropped", Duration::from_secs(5), || {
+        a.stats().snapshot().membership_channel_dropped >= 1
+    })
+    .await;
+    let s = a.stats().snapshot();
+    assert_eq!(s.membership_hellos_received, 0);
+    assert_eq!(a.peers().await.len(), 0);
+    a.shutdown().await;
+}

@@ -246,10 +246,10 @@ impl Sim {
                     Some(0) => None,
                     Some(ms) => Some((Duration::from_millis(ms), p.gossip_members)),
                 },
-                idle_connection_close: if p.membership_idle_close_ms > 0 {
-                    Duration::from_millis(p.membership_idle_close_ms)
-                } else {
-                    MembershipConfig::default().idle_connection_close
+                gossip_first_contacts_per_s: match p.gossip_first_contacts_per_s {
+                    None => MembershipConfig::default().gossip_first_contacts_per_s,
+                    Some(n) if n < 0 => None,
+                    Some(n) => Some(n.min(i64::from(u32::MAX)) as u32),
                 },
                 ..MembershipConfig::default()
             },

@@ -340,8 +340,10 @@ pub struct Peers {
     pub gossip_ms: Option<u64>,
     /// Members per periodic gossip round.
     pub gossip_members: usize,
-    /// Close membership-only connections idle this long, ms (0 = overlay's default, 3000).
-    pub membership_idle_close_ms: u64,
+    /// First contacts per second periodic gossip may make before it is redirected to members
+    /// with a membership-channel session (unset = the overlay's default, 2; -1 = never
+    /// redirect; 0 = always).
+    pub gossip_first_contacts_per_s: Option<i64>,
 }
 
 impl Default for Peers {
@@ -364,7 +366,7 @@ impl Default for Peers {
             max_streams_per_connection: 0,
             gossip_ms: None,
             gossip_members: 3,
-            membership_idle_close_ms: 0,
+            gossip_first_contacts_per_s: None,
         }
     }
 }

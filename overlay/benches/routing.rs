@@ -104,14 +104,16 @@ fn bench(c: &mut Criterion) {
     });
     let mut flip = false;
     let mut t = now;
+    let mut sent = 0u64;
     c.bench_function("routing/choose/rebuild/1000", |b| {
         b.iter(|| {
             // A measurement that moves by more than 10%, and the rebuild interval passed.
             flip = !flip;
             t += overlay::routing::REBUILD_EVERY;
             let rtt = if flip { 5 } else { 50 };
-            r.on_quic_stats(id(1), Duration::from_millis(rtt), 0, 0, t);
-            r.on_quic_stats(id(1), Duration::from_millis(rtt), 0, 0, t);
+            sent += 2;
+            r.on_quic_stats(id(1), Duration::from_millis(rtt), 0, sent, t);
+            r.on_quic_stats(id(1), Duration::from_millis(rtt), 0, sent + 1, t);
             r.choose(&providers, &[], t, |n| n - 1)
         })
     });

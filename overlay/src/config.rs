@@ -114,6 +114,8 @@ pub struct NodeConfig {
     pub upstreams: Vec<UpstreamConfig>,
     /// SWIM timing.
     pub membership: MembershipConfig,
+    /// The membership channel (authenticated membership datagrams beside QUIC).
+    pub channel: crate::channel::ChannelConfig,
     /// QUIC settings.
     pub transport: TransportSettings,
     /// TLS cache sizes.
@@ -159,6 +161,7 @@ impl Default for NodeConfig {
             services: Vec::new(),
             upstreams: Vec::new(),
             membership: MembershipConfig::default(),
+            channel: crate::channel::ChannelConfig::default(),
             transport: TransportSettings::default(),
             tls: TlsSettings::default(),
             generation: 1,

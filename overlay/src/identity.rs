@@ -479,6 +479,27 @@ pub struct CertInfo {
 
 /// Parses a node certificate: reads its SAN node id and checks it matches the public key.
 pub fn parse_node_cert(der: &[u8]) -> Result<CertInfo, IdentityError> {
+    parse_node_cert_spki(der).map(|(info, _)| info)
+}
+
+/// Like [`parse_node_cert`], and returns the certificate's raw Ed25519 public key (refused if
+/// the key is not Ed25519).
+pub fn parse_node_cert_key(der: &[u8]) -> Result<(CertInfo, [u8; 32]), IdentityError> {
+    const PREFIX: [u8; 12] = [
+        0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+    ];
+    let (info, spki) = parse_node_cert_spki(der)?;
+    match spki.strip_prefix(&PREFIX[..]) {
+        Some(key) if key.len() == 32 => {
+            let mut k = [0u8; 32];
+            k.copy_from_slice(key);
+            Ok((info, k))
+        }
+        _ => Err(IdentityError::BadCertificate("not an Ed25519 key".into())),
+    }
+}
+
+fn parse_node_cert_spki(der: &[u8]) -> Result<(CertInfo, Vec<u8>), IdentityError> {
     use x509_parser::prelude::*;
 
     let (_, cert) =
@@ -527,14 +548,15 @@ pub fn parse_node_cert(der: &[u8]) -> Result<CertInfo, IdentityError> {
         .collect();
     groups.sort();
     groups.dedup();
-    Ok(CertInfo {
+    let info = CertInfo {
         node_id: key_id,
         name,
         serial,
         not_after_unix: cert.validity().not_after.timestamp(),
         not_before_unix: cert.validity().not_before.timestamp(),
         groups,
-    })
+    };
+    Ok((info, spki.to_vec()))
 }
 
 /// A node's loaded identity: certificate chain, key, and what the certificate says.

@@ -4,6 +4,8 @@
 //! - [`tls`]: TLS 1.3 mutual authentication, checked on every connection.
 //! - [`wire`]: versioned stream headers, frames and datagrams (pure encode/decode).
 //! - [`membership`]: SWIM membership (foca), sans-IO.
+//! - [`channel`]: authenticated membership datagrams beside QUIC (no handshake per target), sans-IO.
+//! - [`demux`]: the socket wrapper that hands membership datagrams to the channel before quinn.
 //! - [`catalog`]: which peers publish which services, sans-IO.
 //! - [`auth`]: service API keys, tokens, policies, rate limits, revocations, audit (sans-IO).
 //! - [`preauth`]: predictive pre-authentication decisions (the warm set per client), sans-IO.
@@ -16,7 +18,9 @@
 pub mod auth;
 pub mod backend;
 pub mod catalog;
+pub mod channel;
 pub mod config;
+pub mod demux;
 pub mod identity;
 pub mod membership;
 pub mod node;

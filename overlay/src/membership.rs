@@ -116,25 +116,24 @@ pub struct MembershipConfig {
     pub probe_rtt: Duration,
     /// Suspicion time before a member is declared down.
     pub suspect_to_down: Duration,
-    /// Largest packet foca may produce (must fit a QUIC datagram).
+    /// Largest packet foca may produce (must fit a membership-channel packet).
     pub max_packet_size: usize,
     /// Expected cluster size (tunes how often an update is retransmitted).
     pub cluster_size_hint: u32,
     /// foca's periodic gossip (period, members per round), on top of piggy-backing updates on
     /// probes; foca sends it only while it has updates to spread. Default 200 ms × 3
-    /// (memberlist's LAN values). Each round goes to fresh random members, and over QUIC each
-    /// new member costs a connection (a handshake; closed again after
-    /// `idle_connection_close`): cheap in a quiet cluster, the main connection source during
-    /// a join storm. Measured at 100 peers (docs/BENCHMARKS.md "Membership"): off makes the
-    /// last peer see a crash 10.4 s after it instead of 5.5 s; 500 ms × 1 gives 7.7 s.
+    /// (memberlist's LAN values). Each round goes to fresh random members; on the membership
+    /// channel a new member costs one signed hello (no QUIC handshake). Measured at 100 peers
+    /// (docs/BENCHMARKS.md "Membership"): off makes the last peer see a crash 10.4 s after it
+    /// instead of 5.5 s; 500 ms × 1 gives 7.7 s.
     pub periodic_gossip: Option<(Duration, usize)>,
-    /// Close a connection that only ever carried membership datagrams after this long
-    /// without any. Default 3 s (a probe and its indirect cycle take at most one probe
-    /// period). Zero keeps them until the QUIC idle timeout.
-    pub idle_connection_close: Duration,
-    /// Most membership-only connections kept open; past it the longest idle are closed
-    /// first. Default 64 (~8 MiB).
-    pub max_membership_connections: usize,
+    /// First contacts per second that periodic gossip may make (burst: twice as many). Each
+    /// costs a signed hello and certificate check on the membership channel, and during a
+    /// join storm foca would gossip to ~15 fresh members a second; past this budget, gossip for
+    /// a member without a session goes to a random member with one (once there are 8).
+    /// Default 2/s. None: never redirect. Measured (docs/BENCHMARKS.md "Scale"): always
+    /// redirecting made the 100-peer crash detection 1.4 s slower.
+    pub gossip_first_contacts_per_s: Option<u32>,
 }
 
 impl Default for MembershipConfig {
@@ -147,8 +146,7 @@ impl Default for MembershipConfig {
             max_packet_size: 1100,
             cluster_size_hint: 32,
             periodic_gossip: Some((Duration::from_millis(200), 3)),
-            idle_connection_close: Duration::from_secs(3),
-            max_membership_connections: 64,
+            gossip_first_contacts_per_s: Some(2),
         }
     }
 }
@@ -176,6 +174,30 @@ impl MembershipConfig {
         });
         c
     }
+}
+
+/// If `data` is one of foca's periodic-gossip packets (updates addressed to nobody in
+/// particular), the same packet addressed to `to` instead: foca applies updates only from
+/// packets addressed to its exact identity. Other packets (probes, acks, announces) are tied to
+/// their destination and return None.
+pub fn readdress_gossip(data: &[u8], to: &PeerIdentity) -> Option<Vec<u8>> {
+    let mut buf = data;
+    let mut header: foca::Header<PeerIdentity> = PostcardCodec.decode_header(&mut buf).ok()?;
+    if header.message != foca::Message::Gossip {
+        return None;
+    }
+    header.dst = to.clone();
+    let mut out = Vec::with_capacity(data.len() + 16);
+    PostcardCodec.encode_header(&header, &mut out).ok()?;
+    out.extend_from_slice(buf);
+    Some(out)
+}
+
+/// Whether `data` is one of foca's periodic-gossip packets.
+pub fn is_gossip(data: &[u8]) -> bool {
+    let mut buf = data;
+    let header: Result<foca::Header<PeerIdentity>, _> = PostcardCodec.decode_header(&mut buf);
+    header.is_ok_and(|h| h.message == foca::Message::Gossip)
 }
 
 /// SWIM membership state machine for one node.

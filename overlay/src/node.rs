@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use quinn::{AsyncUdpSocket, VarInt};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -132,6 +132,11 @@ enum Cmd {
         data: Bytes,
     },
     Announce(PeerIdentity),
+    /// Send a routing payload (probe, probe answer) to a member on the membership channel.
+    Channel {
+        to: NodeId,
+        payload: Vec<u8>,
+    },
     Leave(oneshot::Sender<()>),
     Peers(oneshot::Sender<Vec<(PeerIdentity, PeerState)>>),
 }
@@ -154,7 +159,10 @@ impl std::fmt::Debug for Node {
 struct Inner {
     info: CertInfo,
     me: PeerIdentity,
+    membership_config: crate::membership::MembershipConfig,
     endpoint: quinn::Endpoint,
+    /// The UDP socket shared with quinn; membership-channel datagrams are sent on it directly.
+    udp: Arc<crate::demux::DemuxSocket>,
     client_config: RwLock<quinn::ClientConfig>,
     transport_config: Arc<quinn::TransportConfig>,
     /// Transport of pre-authentication's data connections: with keep-alives, since a warm
@@ -298,12 +306,16 @@ impl Node {
         seed[..8].copy_from_slice(&config.seed.to_le_bytes());
         let mut endpoint_config = quinn::EndpointConfig::default();
         endpoint_config.rng_seed(Some(seed));
+        // No QUIC packet to or from us ever has the fixed bit clear (RFC 9287 greasing off): the
+        // membership channel's marker byte, which has it clear, can never be QUIC.
+        endpoint_config.grease_quic_bit(false);
         let runtime =
             quinn::default_runtime().ok_or_else(|| NodeError::Config("no async runtime".into()))?;
+        let (udp, channel_rx) = crate::demux::DemuxSocket::new(socket, 4096);
         let endpoint = quinn::Endpoint::new_with_abstract_socket(
             endpoint_config,
             Some(server_config),
-            socket,
+            udp.clone(),
             runtime,
         )
         .map_err(|source| NodeError::Io {
@@ -335,8 +347,18 @@ impl Node {
             catalog.publish(&s.name, s.backend)?;
         }
         let membership = Membership::new(me.clone(), &config.membership, config.seed);
+        let channel_identity = crate::channel::local_identity(&identity)
+            .map_err(|e| NodeError::Config(format!("membership channel identity: {e}")))?;
+        let chain_verifier = tls::chain_verifier(&identity)?;
         let stats = Arc::new(Stats::default());
         let (authority, deny, restored) = auth::build_authority(&identity, &config, stats.clone())?;
+        let channel = crate::channel::Channel::new(
+            channel_identity,
+            chain_verifier,
+            deny.clone(),
+            config.channel.clone(),
+            now_unix_ms(),
+        );
         for (name, backend) in &restored {
             if catalog.backend(name).is_none() {
                 catalog.publish(name, *backend)?;
@@ -377,7 +399,9 @@ impl Node {
             routing: routing_state,
             info,
             me,
+            membership_config: config.membership.clone(),
             endpoint,
+            udp,
             client_config: RwLock::new(client_config),
             transport_config: transport,
             data_transport,
@@ -437,15 +461,17 @@ impl Node {
 
         let mut tasks = vec![
             tokio::spawn(
-                membership_actor(node.inner.clone(), membership, membership_rx)
-                    .instrument(span.clone()),
+                membership_actor(
+                    node.inner.clone(),
+                    membership,
+                    membership_rx,
+                    channel,
+                    channel_rx,
+                )
+                .instrument(span.clone()),
             ),
             tokio::spawn(accept_loop(node.inner.clone()).instrument(span.clone())),
             tokio::spawn(catalog_sync::refresh_loop(node.inner.clone()).instrument(span.clone())),
-            tokio::spawn(
-                membership_conn_reaper(node.inner.clone(), config.membership.clone())
-                    .instrument(span.clone()),
-            ),
             tokio::spawn(auth::housekeeping(node.inner.clone()).instrument(span.clone())),
             tokio::spawn(auth::renewal_loop(node.inner.clone()).instrument(span.clone())),
             tokio::spawn(preauth::timer_loop(node.inner.clone()).instrument(span.clone())),
@@ -1438,85 +1464,222 @@ impl Ord for TimerEntry {
     }
 }
 
-async fn membership_actor(inner: Arc<Inner>, mut m: Membership, mut rx: mpsc::Receiver<Cmd>) {
-    let mut timers: BinaryHeap<TimerEntry> = BinaryHeap::new();
-    let mut seq = 0u64;
-    drain_membership(&inner, &mut m, &mut timers, &mut seq);
+/// The membership actor's state: foca, its timers, and the membership channel.
+struct Actor {
+    m: Membership,
+    channel: crate::channel::Channel,
+    timers: BinaryHeap<TimerEntry>,
+    seq: u64,
+    /// Token bucket of first contacts periodic gossip may still make (tokens, last refill).
+    fresh_gossip: Option<FreshBudget>,
+}
+
+/// A token bucket on tokio's clock.
+struct FreshBudget {
+    rate: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl FreshBudget {
+    fn take(&mut self, now: Instant) -> bool {
+        let burst = 2.0 * self.rate;
+        self.tokens =
+            (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(burst);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+async fn membership_actor(
+    inner: Arc<Inner>,
+    m: Membership,
+    mut rx: mpsc::Receiver<Cmd>,
+    channel: crate::channel::Channel,
+    mut packets: mpsc::Receiver<(SocketAddr, Bytes)>,
+) {
+    let fresh_gossip = inner
+        .membership_config
+        .gossip_first_contacts_per_s
+        .map(|r| FreshBudget {
+            rate: f64::from(r),
+            tokens: 2.0 * f64::from(r),
+            at: Instant::now(),
+        });
+    let mut a = Actor {
+        m,
+        channel,
+        timers: BinaryHeap::new(),
+        seq: 0,
+        fresh_gossip,
+    };
+    drain_membership(&inner, &mut a);
     loop {
-        let next = timers.peek().map(|t| t.at);
+        let next = a.timers.peek().map(|t| t.at);
         tokio::select! {
             cmd = rx.recv() => {
                 let Some(cmd) = cmd else { break };
                 match cmd {
-                    Cmd::Data { from, name, data } => {
-                        if let Err(e) = m.handle_data(from, &name, &data) {
-                            stats::inc(&inner.stats.membership_refused);
-                            match e {
-                                crate::membership::MembershipError::Foca(_) => {
-                                    debug!(peer = %from.fmt_short(), error = %e, "membership packet ignored")
-                                }
-                                _ => warn!(peer = %from.fmt_short(), error = %e, "membership packet refused"),
-                            }
+                    Cmd::Data { from, name, data } => handle_swim(&inner, &mut a.m, from, &name, &data),
+                    Cmd::Announce(to) => a.m.announce(to),
+                    Cmd::Channel { to, payload } => {
+                        let addr = read(&inner.alive).get(&to).map(|p| p.addr);
+                        if let Some(addr) = addr {
+                            let _ = a.channel.send(Instant::now(), now_unix_ms(), to, addr, &payload);
+                            flush_channel(&inner, &mut a.channel);
                         }
                     }
-                    Cmd::Announce(to) => m.announce(to),
                     Cmd::Leave(done) => {
-                        m.leave();
-                        drain_membership(&inner, &mut m, &mut timers, &mut seq);
+                        a.m.leave();
+                        drain_membership(&inner, &mut a);
                         let _ = done.send(());
                         continue;
                     }
                     Cmd::Peers(reply) => {
-                        let _ = reply.send(m.members());
+                        let _ = reply.send(a.m.members());
                     }
                 }
             }
+            p = packets.recv() => {
+                let Some((from, data)) = p else { break };
+                handle_channel_packet(&inner, &mut a, from, &data);
+            }
             _ = tokio::time::sleep_until(next.unwrap_or_else(Instant::now)), if next.is_some() => {
                 let now = Instant::now();
-                while timers.peek().is_some_and(|t| t.at <= now) {
-                    if let Some(t) = timers.pop() {
-                        m.handle_timer(t.timer);
+                while a.timers.peek().is_some_and(|t| t.at <= now) {
+                    if let Some(t) = a.timers.pop() {
+                        a.m.handle_timer(t.timer);
                     }
                 }
             }
         }
-        drain_membership(&inner, &mut m, &mut timers, &mut seq);
+        drain_membership(&inner, &mut a);
     }
 }
 
-fn drain_membership(
-    inner: &Arc<Inner>,
-    m: &mut Membership,
-    timers: &mut BinaryHeap<TimerEntry>,
-    seq: &mut u64,
-) {
-    while let Some((to, data)) = m.poll_transmit() {
-        send_membership(inner, to, data);
+/// A SWIM packet from `from` (authenticated by the channel or a QUIC connection).
+fn handle_swim(inner: &Inner, m: &mut Membership, from: NodeId, name: &str, data: &[u8]) {
+    if let Err(e) = m.handle_data(from, name, data) {
+        stats::inc(&inner.stats.membership_refused);
+        match e {
+            crate::membership::MembershipError::Foca(_) => {
+                debug!(peer = %from.fmt_short(), error = %e, "membership packet ignored")
+            }
+            _ => warn!(peer = %from.fmt_short(), error = %e, "membership packet refused"),
+        }
+    }
+}
+
+/// A datagram for the membership channel arrived on the socket.
+fn handle_channel_packet(inner: &Arc<Inner>, a: &mut Actor, from: SocketAddr, data: &[u8]) {
+    match a
+        .channel
+        .handle_packet(Instant::now(), now_unix_ms(), from, data)
+    {
+        Ok(Some(r)) => match r.payload.first() {
+            Some(&wire::DATAGRAM_MEMBERSHIP) => {
+                stats::inc(&inner.stats.membership_datagrams_received);
+                handle_swim(
+                    inner,
+                    &mut a.m,
+                    r.peer.node_id,
+                    &r.peer.name,
+                    &r.payload[1..],
+                );
+            }
+            Some(&wire::DATAGRAM_CATALOG) => {
+                catalog_sync::handle_gossip(inner, &r.peer, &r.payload[1..])
+            }
+            Some(&wire::DATAGRAM_ROUTES) => routing::handle_gossip(inner, &r.peer, &r.payload[1..]),
+            Some(&k @ (wire::DATAGRAM_PROBE | wire::DATAGRAM_PROBE_ACK)) => {
+                routing::handle_probe(inner, &r.peer, k, &r.payload[1..])
+            }
+            other => {
+                stats::inc(&inner.stats.membership_refused);
+                debug!(kind = ?other, "unknown membership channel payload ignored");
+            }
+        },
+        Ok(None) => {}
+        Err(crate::channel::ChannelError::UnknownSession) => {
+            trace_drop(&crate::channel::ChannelError::UnknownSession, from)
+        }
+        Err(
+            e @ (crate::channel::ChannelError::Revoked(_)
+            | crate::channel::ChannelError::Untrusted(_)
+            | crate::channel::ChannelError::BadSignature
+            | crate::channel::ChannelError::Expired),
+        ) => {
+            warn!(%from, error = %e, "membership packet refused")
+        }
+        Err(e) => trace_drop(&e, from),
+    }
+    flush_channel(inner, &mut a.channel);
+}
+
+fn trace_drop(e: &crate::channel::ChannelError, from: SocketAddr) {
+    debug!(%from, error = %e, "membership packet dropped");
+}
+
+/// Puts the channel's packets on the wire and publishes its counters.
+fn flush_channel(inner: &Inner, channel: &mut crate::channel::Channel) {
+    while let Some((to, packet)) = channel.poll_transmit() {
+        inner.udp.send_to(to, &packet);
+    }
+    let st = channel.stats();
+    let s = &inner.stats;
+    s.membership_hellos_sent
+        .store(st.hellos_sent, Ordering::Relaxed);
+    s.membership_hellos_received
+        .store(st.hellos_received, Ordering::Relaxed);
+    s.membership_sessions.store(st.sessions, Ordering::Relaxed);
+    s.membership_chains_verified
+        .store(st.chains_verified, Ordering::Relaxed);
+    s.membership_channel_dropped
+        .store(st.dropped, Ordering::Relaxed);
+}
+
+fn drain_membership(inner: &Arc<Inner>, a: &mut Actor) {
+    while let Some((to, data)) = a.m.poll_transmit() {
+        let (to, data) = retarget_gossip(inner, a, to, data);
+        send_membership(inner, &mut a.channel, to, data);
     }
     let now = Instant::now();
-    while let Some((after, timer)) = m.poll_timer() {
-        *seq += 1;
-        timers.push(TimerEntry {
+    while let Some((after, timer)) = a.m.poll_timer() {
+        a.seq += 1;
+        a.timers.push(TimerEntry {
             at: now + after,
-            seq: *seq,
+            seq: a.seq,
             timer,
         });
     }
     let mut changed = false;
-    while let Some(ev) = m.poll_event() {
+    while let Some(ev) = a.m.poll_event() {
         match ev {
             MembershipEvent::Up(p) if inner.deny.is_node_denied(&p.node_id) => {
                 debug!(peer = %p.node_id.fmt_short(), "revoked node reported up; ignored");
+                a.channel.forget(p.node_id);
             }
             MembershipEvent::Up(p) => {
                 info!(peer = %p.node_id.fmt_short(), name = %p.name, addr = %p.addr, "member up");
                 auth::on_member_up(inner, p.node_id);
                 stats::inc(&inner.stats.members_up);
-                let first = {
+                let (first, renewed) = {
                     let mut alive = write(&inner.alive);
-                    alive.insert(p.node_id, p.clone());
-                    alive.len() == 1
+                    let old = alive.insert(p.node_id, p.clone());
+                    (
+                        alive.len() == 1,
+                        old.is_some_and(|o| o.generation != p.generation || o.addr != p.addr),
+                    )
                 };
+                if renewed {
+                    // It restarted (or moved): whatever session we hold is not its.
+                    a.channel.forget(p.node_id);
+                }
                 changed = true;
                 // No catalog dial per member: entries are signed by their origin and spread
                 // by gossip; only the first member (a join) is asked for the whole catalog.
@@ -1554,97 +1717,88 @@ fn drain_membership(
         let n = read(&inner.alive).len();
         inner.members.send_replace(n);
     }
+    flush_channel(inner, &mut a.channel);
 }
 
-fn send_membership(inner: &Arc<Inner>, to: PeerIdentity, data: Bytes) {
-    let mut buf = BytesMut::with_capacity(data.len() + 1);
-    buf.put_u8(wire::DATAGRAM_MEMBERSHIP);
-    buf.put_slice(&data);
-    let datagram = buf.freeze();
-    if let Some(conn) = inner.live_conn(to.node_id) {
-        match conn.send_datagram(datagram) {
-            Ok(()) => stats::inc(&inner.stats.membership_datagrams_sent),
-            Err(e) => {
-                debug!(peer = %to.node_id.fmt_short(), error = %e, "membership datagram not sent")
-            }
-        }
-        catalog_sync::piggyback(inner, &conn);
-        routing::piggyback(inner, &conn);
-        return;
+/// Peers with a session needed before periodic gossip is kept to them.
+const MIN_GOSSIP_NEIGHBOURS: usize = 8;
+
+/// foca sends periodic gossip to fresh random members; on the membership channel each fresh
+/// member costs a signed first contact (public-key operations on both sides), which during a
+/// join storm is most of a peer's CPU. Past a budget of first contacts per second
+/// (`gossip_first_contacts_per_s`), gossip to a member without a session therefore goes to a
+/// random member we hold a session with instead (once we have a few): the same updates, the
+/// same fan-out, over a random graph that grows with every probe. Probes, acks and announces
+/// always go to their real target.
+fn retarget_gossip(
+    inner: &Inner,
+    a: &mut Actor,
+    to: PeerIdentity,
+    data: Bytes,
+) -> (PeerIdentity, Bytes) {
+    let channel = &a.channel;
+    if channel.has_session(to.node_id)
+        || channel.session_peers() < MIN_GOSSIP_NEIGHBOURS
+        || !crate::membership::is_gossip(&data)
+    {
+        return (to, data);
     }
-    if inner.shutting_down.load(Ordering::Relaxed) || to.node_id == inner.info.node_id {
-        return;
+    let Some(budget) = a.fresh_gossip.as_mut() else {
+        return (to, data);
+    };
+    if budget.take(Instant::now()) {
+        return (to, data);
     }
-    let inner = inner.clone();
-    tokio::spawn(async move {
-        match inner.conn_to_addr(to.node_id, to.addr).await {
-            Ok(conn) => {
-                if conn.send_datagram(datagram).is_ok() {
-                    stats::inc(&inner.stats.membership_datagrams_sent);
-                }
-                catalog_sync::piggyback(&inner, &conn);
-                routing::piggyback(&inner, &conn);
-            }
-            Err(e) => debug!(peer = %to.node_id.fmt_short(), error = %e, "membership dial failed"),
-        }
-    });
+    let channel = &a.channel;
+    let pick = lock(&inner.rng).random_range(0..usize::MAX);
+    let Some(n) = channel.session_peer(pick) else {
+        return (to, data);
+    };
+    let Some(target) = read(&inner.alive).get(&n).cloned() else {
+        return (to, data);
+    };
+    match crate::membership::readdress_gossip(&data, &target) {
+        Some(d) => (target, Bytes::from(d)),
+        None => (to, data),
+    }
 }
 
-/// Closes connections that only ever carried membership datagrams once they have been idle
-/// for `idle_connection_close`, and the longest idle ones past `max_membership_connections`.
-///
-/// SWIM probes a random member each period, so without this every pair of peers would keep a
-/// connection until the QUIC idle timeout (~125 KiB each). A connection that ever carried a
-/// stream (forwarding, catalog, auth) is left to the QUIC idle timeout, and so is one that never
-/// carried a datagram or belongs to the pre-authentication pool (warm data connections).
-async fn membership_conn_reaper(inner: Arc<Inner>, cfg: crate::membership::MembershipConfig) {
-    if cfg.idle_connection_close.is_zero() {
+/// Sends a SWIM packet on the membership channel (no QUIC connection needed), and a catalog
+/// gossip datagram behind it when items wait.
+fn send_membership(
+    inner: &Arc<Inner>,
+    channel: &mut crate::channel::Channel,
+    to: PeerIdentity,
+    data: Bytes,
+) {
+    if to.node_id == inner.info.node_id {
         return;
     }
-    let period = (cfg.idle_connection_close / 3).max(Duration::from_millis(100));
-    let mut tick = tokio::time::interval(period);
-    // stable id -> (datagram frames seen, when that count last moved)
-    let mut seen: HashMap<usize, (u64, Instant)> = HashMap::new();
-    loop {
-        tick.tick().await;
-        let now = Instant::now();
-        let conns: Vec<(usize, quinn::Connection)> = lock(&inner.all_conns)
-            .iter()
-            .map(|(id, (c, _))| (*id, c.clone()))
-            .collect();
-        let pooled = lock(&inner.pool).conn_ids();
-        let mut idle: Vec<(Instant, usize, quinn::Connection)> = Vec::new();
-        let mut live_ids = std::collections::HashSet::with_capacity(conns.len());
-        for (id, conn) in conns {
-            live_ids.insert(id);
-            let st = conn.stats();
-            let count = st.frame_tx.datagram + st.frame_rx.datagram;
-            // A connection that never carried a datagram is not a membership connection: a
-            // warm data connection of pre-authentication (kept until its entry expires, on
-            // both sides) or one just opened. Pooled data connections are ours to manage.
-            if st.frame_tx.stream > 0
-                || st.frame_rx.stream > 0
-                || count == 0
-                || pooled.contains(&id)
-            {
-                seen.remove(&id);
-                continue;
-            }
-            let e = seen.entry(id).or_insert((count, now));
-            if e.0 != count {
-                *e = (count, now);
-            }
-            idle.push((e.1, id, conn));
+    let mut buf = Vec::with_capacity(data.len() + 1);
+    buf.push(wire::DATAGRAM_MEMBERSHIP);
+    buf.extend_from_slice(&data);
+    let (now, unix_ms) = (Instant::now(), now_unix_ms());
+    match channel.send(now, unix_ms, to.node_id, to.addr, &buf) {
+        Ok(()) => stats::inc(&inner.stats.membership_datagrams_sent),
+        Err(e) => {
+            debug!(peer = %to.node_id.fmt_short(), error = %e, "membership packet not sent");
+            return;
         }
-        seen.retain(|id, _| live_ids.contains(id));
-        idle.sort_by_key(|(since, id, _)| (*since, *id));
-        let over = idle.len().saturating_sub(cfg.max_membership_connections);
-        for (k, (since, id, conn)) in idle.into_iter().enumerate() {
-            if k < over || now.duration_since(since) >= cfg.idle_connection_close {
-                conn.close(VarInt::from_u32(code::OK), b"idle");
-                stats::inc(&inner.stats.membership_conns_closed);
-                seen.remove(&id);
-            }
+    }
+    if let Some(gossip) = catalog_sync::poll_gossip(inner, 1100) {
+        if channel
+            .send(now, unix_ms, to.node_id, to.addr, &gossip)
+            .is_ok()
+        {
+            stats::inc(&inner.stats.catalog_gossip_sent);
+        }
+    }
+    if let Some(gossip) = routing::poll_gossip(inner, 1100) {
+        if channel
+            .send(now, unix_ms, to.node_id, to.addr, &gossip)
+            .is_ok()
+        {
+            stats::inc(&inner.stats.route_gossip_sent);
         }
     }
 }

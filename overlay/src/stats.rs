@@ -75,6 +75,16 @@ stats! {
     membership_datagrams_sent => "meshd_membership_datagrams_sent_total", "Membership datagrams sent", counter;
     /// Membership datagrams received.
     membership_datagrams_received => "meshd_membership_datagrams_received_total", "Membership datagrams received", counter;
+    /// Membership-channel hellos sent (signed first contacts, PROTOCOL.md §8).
+    membership_hellos_sent => "meshd_membership_hellos_sent_total", "Membership channel: hellos sent", counter;
+    /// Membership-channel hellos accepted.
+    membership_hellos_received => "meshd_membership_hellos_received_total", "Membership channel: hellos accepted", counter;
+    /// Membership-channel sessions set up.
+    membership_sessions => "meshd_membership_sessions_total", "Membership channel: sessions set up", counter;
+    /// Certificate chains verified by the membership channel (cache misses).
+    membership_chains_verified => "meshd_membership_chains_verified_total", "Membership channel: certificate chains verified", counter;
+    /// Membership-channel packets dropped (forged, tampered, replayed, revoked, malformed, unknown session).
+    membership_channel_dropped => "meshd_membership_channel_dropped_total", "Membership channel: packets dropped", counter;
     /// Catalog snapshots applied.
     catalog_updates => "meshd_catalog_updates_total", "Catalog snapshots applied", counter;
     /// Catalog gossip datagrams sent.
@@ -87,8 +97,6 @@ stats! {
     catalog_pulls => "meshd_catalog_pulls_total", "Catalog pulls completed", counter;
     /// Catalog pulls served to peers.
     catalog_served => "meshd_catalog_served_total", "Catalog pulls served", counter;
-    /// Membership-only connections closed when idle.
-    membership_conns_closed => "meshd_membership_connections_closed_total", "Idle membership-only connections closed", counter;
     /// Audit events recorded (every kind).
     audit_events => "meshd_audit_events_total", "Audit events recorded", counter;
     /// Successful authentications (API key or token accepted).

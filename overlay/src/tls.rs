@@ -266,6 +266,16 @@ fn roots(identity: &NodeIdentity) -> Result<RootCertStore, TlsError> {
     Ok(roots)
 }
 
+/// A verifier of node certificates against the overlay CA outside TLS (the membership channel):
+/// webpki's chain check with the client-auth usage, as on the server side of a handshake.
+pub fn chain_verifier(
+    identity: &NodeIdentity,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
+    WebPkiClientVerifier::builder_with_provider(Arc::new(roots(identity)?), provider())
+        .build()
+        .map_err(|e| TlsError::BadCa(e.to_string()))
+}
+
 /// Builds the rustls server config for a local identity.
 pub fn server_config(
     identity: &NodeIdentity,

@@ -7,7 +7,7 @@
 //!   (`CatalogSync`, every origin's signed snapshot) and hand it ours in the same request.
 //! - **Changes** (publish, unpublish, restart, rejoin): our signed snapshot — or, if too large
 //!   for a datagram, a signed version hint — goes into the [`Gossip`] backlog and rides next to
-//!   the SWIM packets this node sends anyway (datagram kind 2, same connection). Receivers
+//!   the SWIM packets this node sends anyway (datagram kind 2, on the membership channel). Receivers
 //!   check it, apply it, and hand it on; a hint makes them pull that origin's snapshot.
 //! - **Repair**: every 15 s pull the whole catalog from one random member.
 //!
@@ -18,7 +18,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use rand::RngExt;
 use tokio::time::timeout;
 use tracing::{debug, warn};
@@ -153,22 +153,14 @@ pub(super) fn on_member_down(inner: &Arc<Inner>, node: NodeId) {
     lock(&inner.catalog_sync.gossip).remove(node);
 }
 
-/// Appends a catalog gossip datagram behind a membership datagram on `conn`, if any waits.
-pub(super) fn piggyback(inner: &Inner, conn: &quinn::Connection) {
-    let Some(max) = conn.max_datagram_size() else {
-        return;
-    };
-    let max = max.min(1200).saturating_sub(1);
-    let Some(payload) = lock(&inner.catalog_sync.gossip).poll_datagram(max) else {
-        return;
-    };
-    let mut buf = BytesMut::with_capacity(payload.len() + 1);
-    buf.put_u8(wire::DATAGRAM_CATALOG);
-    buf.put_slice(&payload);
-    match conn.send_datagram(buf.freeze()) {
-        Ok(()) => stats::inc(&inner.stats.catalog_gossip_sent),
-        Err(e) => debug!(error = %e, "catalog gossip not sent"),
-    }
+/// The next catalog gossip datagram (kind 2 and its items, at most `max` bytes), if items
+/// wait; the driver sends it right behind a membership packet, to the same member.
+pub(super) fn poll_gossip(inner: &Inner, max: usize) -> Option<Vec<u8>> {
+    let payload = lock(&inner.catalog_sync.gossip).poll_datagram(max.saturating_sub(1))?;
+    let mut buf = Vec::with_capacity(payload.len() + 1);
+    buf.push(wire::DATAGRAM_CATALOG);
+    buf.extend_from_slice(&payload);
+    Some(buf)
 }
 
 /// Checks and applies one signed snapshot, whoever delivered it. Returns what it did; the

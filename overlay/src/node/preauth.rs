@@ -129,11 +129,6 @@ pub(super) struct Pool {
 }
 
 impl Pool {
-    /// Stable ids of the pool's data connections.
-    pub(super) fn conn_ids(&self) -> std::collections::HashSet<usize> {
-        self.conns.values().map(|d| d.conn.stable_id()).collect()
-    }
-
     fn live(&self, peer: NodeId) -> Option<&DataConn> {
         self.conns
             .get(&peer)

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use quinn::VarInt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{timeout, Instant};
@@ -178,7 +178,7 @@ pub(super) async fn probe_loop(inner: Arc<Inner>) {
                         coord,
                     },
                 ));
-                send_datagram(&inner, p.peer, payload, true);
+                send_datagram(&inner, p.peer, payload);
                 stats::inc(&inner.stats.route_probes_sent);
             }
         }
@@ -189,21 +189,18 @@ pub(super) async fn probe_loop(inner: Arc<Inner>) {
     }
 }
 
-/// Sends a datagram to `peer` on its connection; dials one if `dial` and none is open.
-fn send_datagram(inner: &Arc<Inner>, peer: NodeId, payload: Bytes, dial: bool) {
-    if let Some(conn) = inner.live_conn(peer) {
-        let _ = conn.send_datagram(payload);
+/// Sends a routing payload to `peer` on the membership channel (no QUIC connection: probing
+/// never dials, nor keeps a connection from idling out).
+fn send_datagram(inner: &Arc<Inner>, peer: NodeId, payload: Bytes) {
+    if inner.shutting_down.load(Ordering::Relaxed) {
         return;
     }
-    if !dial || inner.shutting_down.load(Ordering::Relaxed) {
-        return;
-    }
-    let inner = inner.clone();
-    tokio::spawn(async move {
-        if let Ok(conn) = inner.conn_to(peer).await {
-            let _ = conn.send_datagram(payload);
-        }
-    });
+    let cmd = super::Cmd::Channel {
+        to: peer,
+        payload: payload.to_vec(),
+    };
+    // Probes tolerate loss: drop rather than queue without bound.
+    let _ = inner.membership_tx.try_send(cmd);
 }
 
 fn publish_summary(inner: &Inner, now: Instant) {
@@ -264,21 +261,13 @@ fn material_change(old: &wire::RouteSummary, new: &wire::RouteSummary) -> bool {
     })
 }
 
-/// Appends a route gossip datagram behind a membership datagram on `conn`, if any waits.
-pub(super) fn piggyback(inner: &Inner, conn: &quinn::Connection) {
-    let Some(max) = conn.max_datagram_size() else {
-        return;
-    };
-    let max = max.min(1200).saturating_sub(1);
-    let Some(payload) = lock(&inner.routing.gossip).poll_datagram(max) else {
-        return;
-    };
-    let mut buf = BytesMut::with_capacity(payload.len() + 1);
-    buf.put_u8(wire::DATAGRAM_ROUTES);
-    buf.put_slice(&payload);
-    if conn.send_datagram(buf.freeze()).is_ok() {
-        stats::inc(&inner.stats.route_gossip_sent);
-    }
+/// A route gossip payload (kind 3) to send behind a SWIM packet, if items wait.
+pub(super) fn poll_gossip(inner: &Inner, max: usize) -> Option<Vec<u8>> {
+    let payload = lock(&inner.routing.gossip).poll_datagram(max.saturating_sub(1))?;
+    let mut buf = Vec::with_capacity(payload.len() + 1);
+    buf.push(wire::DATAGRAM_ROUTES);
+    buf.extend_from_slice(&payload);
+    Some(buf)
 }
 
 /// A route gossip datagram from `from`.
@@ -346,7 +335,7 @@ pub(super) fn handle_probe(inner: &Arc<Inner>, from: &CertInfo, kind: u8, payloa
                 coord,
             },
         );
-        send_datagram(inner, from.node_id, Bytes::from(ack), false);
+        send_datagram(inner, from.node_id, Bytes::from(ack));
     } else {
         lock(&inner.routing.router).on_probe_ack(from.node_id, p.nonce, p.coord, Instant::now());
     }

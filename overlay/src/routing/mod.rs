@@ -210,12 +210,17 @@ struct LocalLink {
     samples: u64,
     /// Outstanding probe: nonce, sent at.
     probe: Option<(u64, Instant)>,
+    /// The last probe counted as missed (nonce, sent at, loss estimate before the miss): a
+    /// late answer still counts as an RTT sample.
+    late: Option<(u64, Instant, f64)>,
     misses: u32,
     down: bool,
     /// When the link last came back up (after being down).
     up_at: Option<Instant>,
     /// QUIC counters seen last (lost, sent), for loss deltas.
     quic: (u64, u64),
+    /// QUIC packets sent at the last look (activity).
+    quic_sent: u64,
     /// Times marked down (for reports).
     downs: u64,
     /// RTT the cached graph was built with (a change of >10% rebuilds it).
@@ -229,10 +234,12 @@ impl LocalLink {
             loss: 0.0,
             samples: 0,
             probe: None,
+            late: None,
             misses: 0,
             down: false,
             up_at: None,
             quic: (0, 0),
+            quic_sent: 0,
             downs: 0,
             graph_ms: 0.0,
         }
@@ -408,6 +415,9 @@ impl Router {
         let structural = l.samples == 0 || (alive && l.down);
         if l.samples == 0 {
             l.srtt_ms = rtt_ms;
+        } else if alive && (rtt_ms > 2.0 * l.srtt_ms || rtt_ms < 0.5 * l.srtt_ms) {
+            // A level shift (a path changed or recovered): follow it within a few probes.
+            l.srtt_ms = 0.5 * l.srtt_ms + 0.5 * rtt_ms;
         } else {
             l.srtt_ms = 0.875 * l.srtt_ms + 0.125 * rtt_ms;
         }
@@ -438,14 +448,21 @@ impl Router {
         let Some(l) = self.links.get_mut(&peer) else {
             return;
         };
-        let Some((n, sent)) = l.probe else {
-            return;
+        let sent = match (l.probe, l.late) {
+            (Some((n, sent)), _) if n == nonce => {
+                l.probe = None;
+                l.loss *= 0.95;
+                sent
+            }
+            // The answer to a probe already counted as missed: the link is slow, not dead.
+            // Undo the miss and take the sample, so the wait follows the RTT.
+            (_, Some((n, sent, loss))) if n == nonce => {
+                l.late = None;
+                l.loss = loss * 0.95;
+                sent
+            }
+            _ => return,
         };
-        if n != nonce {
-            return;
-        }
-        l.probe = None;
-        l.loss *= 0.95;
         let rtt = (now - sent).as_secs_f64() * 1000.0;
         if self.sample(peer, rtt.max(0.001), now, true) {
             let salt =
@@ -469,6 +486,10 @@ impl Router {
             return;
         }
         let l = self.links.entry(peer).or_insert_with(LocalLink::new);
+        // An idle connection's RTT is a stale estimate: only a connection that sent packets
+        // since the last look gives a sample.
+        let active = sent != l.quic_sent || l.samples == 0;
+        l.quic_sent = sent;
         let (pl, ps) = l.quic;
         if sent > ps + 20 {
             let frac = (lost.saturating_sub(pl)) as f64 / (sent - ps) as f64;
@@ -477,7 +498,7 @@ impl Router {
         } else if sent < ps {
             l.quic = (lost, sent);
         }
-        if !l.down {
+        if active && !l.down {
             self.sample(peer, rtt.as_secs_f64() * 1000.0, now, false);
         }
     }
@@ -517,7 +538,9 @@ impl Router {
                 if now.saturating_duration_since(sent) < wait {
                     continue;
                 }
-                l.probe = None;
+                if let Some((n, _)) = l.probe.take() {
+                    l.late = Some((n, sent, l.loss));
+                }
                 l.misses += 1;
                 l.loss = 0.95 * l.loss + 0.05;
                 if l.misses >= self.cfg.probe_misses && !l.down {

@@ -50,14 +50,14 @@ fn slow_direct_link_goes_through_the_fast_relay_and_back_with_hysteresis() {
 
     // Direct gets better, but not by enough: stay (21 · 0.8 = 16.8).
     let now = now + REBUILD_EVERY;
-    for _ in 0..60 {
-        r.on_quic_stats(c, Duration::from_millis(18), 0, 0, now);
+    for i in 1..=60 {
+        r.on_quic_stats(c, Duration::from_millis(18), 0, i, now);
     }
     assert_eq!(r.route(c, now).unwrap().relays, vec![b]);
     // Clearly better: switch back to direct — once the tree is rebuilt (RTT moves are
     // batched for REBUILD_EVERY).
-    for _ in 0..60 {
-        r.on_quic_stats(c, Duration::from_millis(12), 0, 0, now);
+    for i in 61..=120 {
+        r.on_quic_stats(c, Duration::from_millis(12), 0, i, now);
     }
     assert_eq!(r.route(c, now).unwrap().relays, vec![b], "not rebuilt yet");
     let now = now + REBUILD_EVERY;
