@@ -61,6 +61,8 @@ pub(super) struct State {
 
 /// Most summary signatures checked per second (the rest wait for a later gossip round).
 const VERIFY_PER_SECOND: u32 = 200;
+/// Instances of a service in use that are kept probed.
+const PROBED_INSTANCES: usize = 8;
 /// A summary is republished at least this often while it has links.
 const HEARTBEAT: Duration = Duration::from_secs(60);
 
@@ -402,6 +404,13 @@ pub async fn exchange(
         let providers = read(&inner.catalog).providers(service);
         let choice = {
             let mut r = lock(&inner.routing.router);
+            // Every instance of a service in use is probed (a few at most), not only those
+            // chosen lately: a dead idle instance is known dead before a request picks it.
+            if n == 0 {
+                for p in providers.iter().take(PROBED_INSTANCES) {
+                    r.touch(*p, Instant::now());
+                }
+            }
             let st = &inner.routing;
             let mut c = r.choose(&providers, &exclude, Instant::now(), |k| st.pick(k));
             // A relayed attempt that failed excludes its path, not its instance: the router
