@@ -61,6 +61,10 @@ impl Hasher for IdHasher {
 /// a link or member down or up, a new summary — rebuild at the next decision). Keeps the
 /// rebuild (~2 ms at 1,000 peers) off most decisions.
 pub const REBUILD_EVERY: Duration = Duration::from_millis(250);
+/// How often idle relay candidates are chosen again.
+const NEIGHBOURS_EVERY: Duration = Duration::from_secs(5);
+/// Probe period of idle relay candidates (links in use: `probe_interval`).
+const NEIGHBOUR_PROBE: Duration = Duration::from_secs(2);
 
 type HashMap<K, V> = std::collections::HashMap<K, V, BuildHasherDefault<IdHasher>>;
 
@@ -213,6 +217,8 @@ struct LocalLink {
     /// The last probe counted as missed (nonce, sent at, loss estimate before the miss): a
     /// late answer still counts as an RTT sample.
     late: Option<(u64, Instant, f64)>,
+    /// When the last probe was sent.
+    last_probe: Option<Instant>,
     misses: u32,
     down: bool,
     /// When the link last came back up (after being down).
@@ -235,6 +241,7 @@ impl LocalLink {
             samples: 0,
             probe: None,
             late: None,
+            last_probe: None,
             misses: 0,
             down: false,
             up_at: None,
@@ -309,6 +316,9 @@ pub struct Router {
     routes: HashMap<NodeId, Vec<NodeId>>,
     load: LoadReport,
     tree: Option<Tree>,
+    /// Idle relay candidates kept probed, and when they were chosen.
+    neighbours: Vec<NodeId>,
+    neighbours_at: Option<Instant>,
     /// When the tree was built, and whether a measurement moved since (a soft change: the
     /// tree is rebuilt at most every `REBUILD_EVERY` for those).
     built_at: Option<Instant>,
@@ -332,6 +342,8 @@ impl Router {
             routes: HashMap::default(),
             load: LoadReport::default(),
             tree: None,
+            neighbours: Vec::new(),
+            neighbours_at: None,
             built_at: None,
             stale: false,
             seq: 0,
@@ -519,19 +531,44 @@ impl Router {
         for r in self.routes.values() {
             want.extend(r.iter().copied());
         }
-        let mut near: Vec<(f64, NodeId)> = self
-            .members
+        // Idle relay candidates: the nearest few, chosen again every NEIGHBOURS_EVERY, probed
+        // every NEIGHBOUR_PROBE (enough to keep their links in summaries).
+        if self
+            .neighbours_at
+            .is_none_or(|t| now.saturating_duration_since(t) >= NEIGHBOURS_EVERY)
+        {
+            let mut near: Vec<(f64, NodeId)> = self
+                .members
+                .iter()
+                .filter(|(_, m)| m.summary.as_ref().is_none_or(|(s, _)| s.relays))
+                .map(|(id, _)| (self.direct_estimate(id).0, *id))
+                .collect();
+            let k = self.cfg.neighbours.min(near.len());
+            if k > 0 {
+                near.select_nth_unstable_by(k - 1, |a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+            }
+            self.neighbours = near.into_iter().take(k).map(|(_, id)| id).collect();
+            self.neighbours_at = Some(now);
+        }
+        let idle: Vec<NodeId> = self
+            .neighbours
             .iter()
-            .filter(|(_, m)| m.summary.as_ref().is_none_or(|(s, _)| s.relays))
-            .map(|(id, _)| (self.direct_estimate(id).0, *id))
+            .copied()
+            .filter(|id| !want.contains(id) && self.members.contains_key(id))
             .collect();
-        near.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-        want.extend(near.iter().take(self.cfg.neighbours).map(|(_, id)| *id));
-        let mut want: Vec<NodeId> = want.into_iter().collect();
+        let mut want: Vec<(NodeId, bool)> = want.into_iter().map(|id| (id, false)).collect();
+        want.extend(idle.into_iter().map(|id| (id, true)));
         want.sort();
         let mut changed = false;
-        for peer in want {
+        for (peer, idle) in want {
             let l = self.links.entry(peer).or_insert_with(LocalLink::new);
+            if idle
+                && l.probe.is_none()
+                && l.last_probe
+                    .is_some_and(|t| now.saturating_duration_since(t) < NEIGHBOUR_PROBE)
+            {
+                continue;
+            }
             if let Some((_, sent)) = l.probe {
                 let wait = Duration::from_secs_f64((3.0 * l.srtt_ms / 1000.0).max(0.0))
                     .max(self.cfg.probe_interval);
@@ -555,6 +592,7 @@ impl Router {
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
             l.probe = Some((self.nonce, now));
+            l.last_probe = Some(now);
             out.probes.push(ProbeSend {
                 peer,
                 nonce: self.nonce,
