@@ -312,25 +312,8 @@ pub fn encode_route_item(s: &SignedCatalog) -> Option<Vec<u8>> {
 
 /// Decodes a route gossip datagram payload (after the kind byte) into signed envelopes; the
 /// receiver checks the signatures.
-pub fn decode_route_gossip(mut payload: &[u8]) -> Result<Vec<SignedCatalog>, WireError> {
-    let mut out = Vec::new();
-    while !payload.is_empty() {
-        if out.len() == MAX_GOSSIP_ITEMS {
-            return Err(WireError::Malformed("too many gossip items".into()));
-        }
-        let [a, b, rest @ ..] = payload else {
-            return Err(WireError::Malformed("truncated gossip item".into()));
-        };
-        let len = usize::from(u16::from_be_bytes([*a, *b]));
-        if len == 0 || len > MAX_GOSSIP_ITEM_LEN || len > rest.len() {
-            return Err(WireError::Malformed("bad gossip item length".into()));
-        }
-        let item: SignedCatalog = decode_exact(&rest[..len])?;
-        item.check_sizes()?;
-        out.push(item);
-        payload = &rest[len..];
-    }
-    Ok(out)
+pub fn decode_route_gossip(payload: &[u8]) -> Result<Vec<SignedCatalog>, WireError> {
+    decode_gossip_items(payload, SignedCatalog::check_sizes)
 }
 
 /// The byte a receiver sends on a [`StreamKind::Preopen`] stream once its backend is dialled.
@@ -828,7 +811,19 @@ pub fn encode_gossip_item(item: &GossipItem) -> Option<Vec<u8>> {
 
 /// Decodes a catalog gossip datagram payload (after the kind byte). Lengths are checked before
 /// anything is allocated; signatures are checked by the receiver.
-pub fn decode_gossip(mut payload: &[u8]) -> Result<Vec<GossipItem>, WireError> {
+pub fn decode_gossip(payload: &[u8]) -> Result<Vec<GossipItem>, WireError> {
+    decode_gossip_items(payload, |item: &GossipItem| match item {
+        GossipItem::Snapshot(s) | GossipItem::Hint(s) => s.check_sizes(),
+    })
+}
+
+/// The gossip framing shared by catalog (kind 2) and route (kind 3) gossip: 1 to
+/// [`MAX_GOSSIP_ITEMS`] items, each a u16 length (1 to [`MAX_GOSSIP_ITEM_LEN`], checked before
+/// decoding) and a postcard body, which `check` validates.
+fn decode_gossip_items<T: serde::de::DeserializeOwned>(
+    mut payload: &[u8],
+    check: impl Fn(&T) -> Result<(), WireError>,
+) -> Result<Vec<T>, WireError> {
     let mut out = Vec::new();
     while !payload.is_empty() {
         if out.len() == MAX_GOSSIP_ITEMS {
@@ -847,10 +842,8 @@ pub fn decode_gossip(mut payload: &[u8]) -> Result<Vec<GossipItem>, WireError> {
         if rest.len() < len {
             return Err(WireError::Malformed("truncated gossip item".into()));
         }
-        let item: GossipItem = decode_exact(&rest[..len])?;
-        match &item {
-            GossipItem::Snapshot(s) | GossipItem::Hint(s) => s.check_sizes()?,
-        }
+        let item: T = decode_exact(&rest[..len])?;
+        check(&item)?;
         out.push(item);
         payload = &rest[len..];
     }
