@@ -21,6 +21,13 @@ const BOUND: Duration = Duration::from_secs(30);
 /// a (0), b (1), c (2) on 10 ms links; a–c cut both ways. c publishes "echo"; b relays, with
 /// `tap` on what it relays.
 async fn triangle(tap: Option<RelayTap>) -> (SimNet, Node, Node, Node) {
+    triangle_with(tap, |_| {}).await
+}
+
+async fn triangle_with(
+    tap: Option<RelayTap>,
+    a_cfg: impl FnOnce(&mut overlay::NodeConfig),
+) -> (SimNet, Node, Node, Node) {
     let net = SimNet::new(LatencyModel::uniform(3, 10.0), LinkSpec::default(), 11);
     net.partition(&[0], &[2], true);
     let ca = test_ca();
@@ -38,13 +45,11 @@ async fn triangle(tap: Option<RelayTap>) -> (SimNet, Node, Node, Node) {
     let c = Node::spawn(net.bind(2, peer_addr(2)), identity(&ca, "c"), ccfg)
         .await
         .unwrap();
-    let a = Node::spawn(
-        net.bind(0, peer_addr(0)),
-        identity(&ca, "a"),
-        config(&[b.addr()], 3),
-    )
-    .await
-    .unwrap();
+    let mut acfg = config(&[b.addr()], 3);
+    a_cfg(&mut acfg);
+    let a = Node::spawn(net.bind(0, peer_addr(0)), identity(&ca, "a"), acfg)
+        .await
+        .unwrap();
     a.wait_catalog(|s| s.iter().any(|e| e.name == "echo")).await;
     (net, a, b, c)
 }
@@ -225,4 +230,39 @@ async fn relays_refuse_loops_long_paths_and_forged_previous_hops() {
     );
     assert_eq!(node.stats().snapshot().relayed_streams, 0);
     assert!(node.stats().snapshot().relay_refused >= 4);
+}
+
+/// A local app's TCP connection through the upstream port is relayed too when the direct link
+/// is cut (with and without the pre-authentication engine).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_tcp_connection_is_relayed_around_a_cut_link() {
+    for engine in [false, true] {
+        let (_net, a, b, c) = triangle_with(None, |cfg| {
+            cfg.upstreams = vec![overlay::UpstreamConfig {
+                service: "echo".into(),
+                listen: "127.0.0.1:0".parse().unwrap(),
+            }];
+            if engine {
+                cfg.preauth.engine = Some(overlay::preauth::PreauthConfig::default());
+            }
+        })
+        .await;
+        wait_until("a routes to c through b", BOUND, || {
+            relays_to(&a, c.node_id()) == Some(vec![b.node_id().to_string()])
+        })
+        .await;
+        let port = a.upstream_addrs()[0].1;
+        let data = pattern(20_000, 5);
+        let back = tokio::time::timeout(BOUND, echo_through(port, &data))
+            .await
+            .expect("in time")
+            .expect("echo");
+        assert_eq!(back, data, "engine {engine}");
+        assert_eq!(b.stats().snapshot().relayed_streams, 1, "engine {engine}");
+        assert_eq!(
+            c.stats().snapshot().e2e_streams_served,
+            1,
+            "engine {engine}"
+        );
+    }
 }

@@ -1327,6 +1327,21 @@ async fn forward_client(
         let _ = tokio::io::copy_bidirectional(&mut tcp, &mut b).await;
         return Ok(());
     }
+    // When the router's path to the chosen instance goes through relays (its direct link is
+    // down or much slower), the connection is relayed, end-to-end encrypted.
+    if let Some(choice) = routing::relayed_choice(inner, service) {
+        let mut io = routing::open_path(inner, service, &choice).await?;
+        let mut tcp = tcp;
+        let _serving = routing::Serving::start(inner);
+        match tokio::io::copy_bidirectional(&mut tcp, &mut io).await {
+            Ok((up, down)) => {
+                stats::add(&inner.stats.bytes_sent, up);
+                stats::add(&inner.stats.bytes_received, down);
+            }
+            Err(e) => debug!(service, error = %e, "relayed connection ended with error"),
+        }
+        return Ok(());
+    }
     if inner.preauth.is_some() {
         // The local app is the client the engine profiles: one per source address.
         let client = tcp

@@ -571,6 +571,19 @@ async fn attempt(
     Ok((io, buf))
 }
 
+/// The router's choice for a local connection to `service`, if its path goes through relays
+/// (else the direct paths — pre-authenticated or shared — serve it).
+pub(super) fn relayed_choice(inner: &Inner, service: &str) -> Option<Choice> {
+    let providers = read(&inner.catalog).providers(service);
+    let mut r = lock(&inner.routing.router);
+    for p in providers.iter().take(PROBED_INSTANCES) {
+        r.touch(*p, Instant::now());
+    }
+    let st = &inner.routing;
+    r.choose(&providers, &[], Instant::now(), |k| st.pick(k))
+        .filter(|c| !c.path.relays.is_empty())
+}
+
 /// The stream kind that asks `peer` for `service` (with a token when one is needed).
 async fn forward_kind(
     inner: &Arc<Inner>,

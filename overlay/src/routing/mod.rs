@@ -930,6 +930,20 @@ impl Router {
 
     /// The cheapest path to `dest` in the current graph (no hysteresis).
     fn best_path(&mut self, dest: NodeId, now: Instant) -> Option<Path> {
+        // Never relay around a direct link that was not measured and is not down: an
+        // estimate is no reason to pay a relay (the first request measures the link).
+        let unmeasured = dest != self.me
+            && self.members.contains_key(&dest)
+            && !self.link_down(&dest)
+            && self.links.get(&dest).is_none_or(|l| l.samples == 0);
+        if unmeasured {
+            return Some(Path {
+                relays: Vec::new(),
+                dest,
+                cost_ms: self.direct_estimate(&dest).0,
+                estimated: true,
+            });
+        }
         let tree = self.tree(now);
         let v = *tree.index.get(&dest)?;
         let h = tree.cost.len() - 1;

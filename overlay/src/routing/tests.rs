@@ -220,3 +220,17 @@ impl Router {
         self.on_request_failed(peer);
     }
 }
+
+#[test]
+fn an_unmeasured_direct_link_is_not_relayed_around() {
+    let now = Instant::now();
+    let (a, b, c) = (id(1), id(2), id(3));
+    // a measured b only; b reports a fast link to c; a knows nothing of a–c.
+    let mut r = router(a, &[b, c], &[(b, 1.0)], now);
+    r.on_summary(summary(b, 1, &[(c, 1.0)]), now);
+    let p = r.route(c, now).unwrap();
+    assert!(p.relays.is_empty() && p.estimated, "{p:?}");
+    // Once the direct link is measured slow, the relay wins.
+    r.on_quic_stats(c, Duration::from_millis(100), 0, 1, now);
+    assert_eq!(r.route(c, now).unwrap().relays, vec![b]);
+}
