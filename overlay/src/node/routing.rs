@@ -444,7 +444,11 @@ pub async fn exchange(
             }
         }
         let t0 = Instant::now();
+        tracing::trace!(node = %inner.info.name, service, provider = %provider.fmt_short(), relays = relays.len(), attempt = n, "attempt");
         let mut events = inner.routing.events.subscribe();
+        // A relayed attempt chosen while the instance's direct link was up is abandoned when
+        // that link goes down too: the instance itself is the likely casualty.
+        let direct_down_at_start = lock(&inner.routing.router).link_down(&provider);
         let broken = async {
             loop {
                 if events.changed().await.is_err() {
@@ -456,6 +460,7 @@ pub async fn exchange(
                 if !r.is_member(&provider)
                     || dead(first_hop)
                     || relays.iter().any(|h| !r.is_member(h))
+                    || (!direct_down_at_start && r.link_down(&provider))
                 {
                     return;
                 }
@@ -514,14 +519,16 @@ pub async fn exchange(
                         inner.routing.events.send_modify(|v| *v += 1);
                     }
                 }
-                debug!(service, provider = %provider.fmt_short(), error = %e, "attempt failed");
+                debug!(node = %inner.info.name, service, provider = %provider.fmt_short(), relays = relays.len(), attempt = n, error = %e, "attempt failed");
                 let direct = relays.is_empty();
                 attempts.push(Attempt {
                     provider,
                     relays,
                     error: Some(e.to_string()),
                 });
-                if direct {
+                // A relayed failure excludes the instance too when its direct link is down:
+                // then it is most likely the instance that died, not the relay.
+                if direct || lock(&inner.routing.router).link_down(&provider) {
                     exclude.push(provider);
                 }
                 last = e;
