@@ -664,6 +664,14 @@ impl NodeIdentity {
     }
 }
 
+/// A node identity issued by a fresh CA (unit tests of modules that sign with node keys).
+#[cfg(test)]
+pub(crate) fn test_identity(name: &str) -> NodeIdentity {
+    let now = time::OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+    let ca = generate_ca("t", Validity::days_from(now, 10).unwrap()).unwrap();
+    NodeIdentity::issue(&ca, name, Validity::days_from(now, 10).unwrap()).unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -200,13 +200,7 @@ pub fn verify_hint(s: &SignedCatalog) -> Result<CatalogHint, SignedError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::{generate_ca, NodeIdentity, Validity};
-
-    fn identity(name: &str) -> NodeIdentity {
-        let now = time::OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
-        let ca = generate_ca("t", Validity::days_from(now, 10).unwrap()).unwrap();
-        NodeIdentity::issue(&ca, name, Validity::days_from(now, 10).unwrap()).unwrap()
-    }
+    use crate::identity::test_identity as identity;
 
     fn v(generation: u64, seq: u64) -> CatalogVersion {
         CatalogVersion { generation, seq }

@@ -783,9 +783,7 @@ impl Router {
                 if v == 0 || v == u {
                     continue;
                 }
-                let cost = f64::from(l.rtt_us) / 1000.0
-                    * (1.0 + self.cfg.loss_weight * f64::from(l.loss_ppm) / 1e6);
-                reported.push((u as u32, v as u32, cost));
+                reported.push((u as u32, v as u32, self.link_cost(l)));
             }
         }
         let mut start = vec![0usize; n + 1];
@@ -997,16 +995,18 @@ impl Router {
         Some(total)
     }
 
+    /// Cost of a reported link, ms: RTT with the loss penalty (as for our own links).
+    fn link_cost(&self, l: &LinkReport) -> f64 {
+        f64::from(l.rtt_us) / 1000.0 * (1.0 + self.cfg.loss_weight * f64::from(l.loss_ppm) / 1e6)
+    }
+
     fn reported(&self, a: &NodeId, b: &NodeId, now: Instant) -> Option<f64> {
         let one = |x: &NodeId, y: &NodeId| {
             self.fresh_summary(x, now)?
                 .links
                 .iter()
                 .find(|l| l.peer == *y)
-                .map(|l| {
-                    f64::from(l.rtt_us) / 1000.0
-                        * (1.0 + self.cfg.loss_weight * f64::from(l.loss_ppm) / 1e6)
-                })
+                .map(|l| self.link_cost(l))
         };
         match (one(a, b), one(b, a)) {
             (Some(x), Some(y)) => Some(x.max(y)),

@@ -53,15 +53,9 @@ pub fn peek(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::{generate_ca, NodeIdentity, Validity};
+    use crate::identity::test_identity as identity;
     use crate::routing::vivaldi::Coord;
     use crate::wire::{CatalogVersion, LinkReport, LoadReport};
-
-    fn identity(name: &str) -> NodeIdentity {
-        let now = time::OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
-        let ca = generate_ca("t", Validity::days_from(now, 10).unwrap()).unwrap();
-        NodeIdentity::issue(&ca, name, Validity::days_from(now, 10).unwrap()).unwrap()
-    }
 
     fn body(origin: crate::identity::NodeId, peer: crate::identity::NodeId) -> RouteSummary {
         RouteSummary {
