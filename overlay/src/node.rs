@@ -391,7 +391,6 @@ impl Node {
             config.generation,
             config.routing.clone(),
             config.tls,
-            config.membership.cluster_size_hint,
             config.seed,
         )
         .map_err(NodeError::Config)?;
@@ -1806,14 +1805,6 @@ fn send_membership(
             .is_ok()
         {
             stats::inc(&inner.stats.catalog_gossip_sent);
-        }
-    }
-    if let Some(gossip) = routing::poll_gossip(inner, 1100) {
-        if channel
-            .send(now, unix_ms, to.node_id, to.addr, &gossip)
-            .is_ok()
-        {
-            stats::inc(&inner.stats.route_gossip_sent);
         }
     }
 }

@@ -191,8 +191,8 @@ stats! {
     route_summaries_applied => "meshd_route_summaries_applied_total", "Routing: summaries applied", counter;
     /// Routing: summaries or probes refused (bad signature, malformed, not the origin's).
     route_summaries_refused => "meshd_route_summaries_refused_total", "Routing: summaries refused", counter;
-    /// Routing: route gossip datagrams sent.
-    route_gossip_sent => "meshd_route_gossip_sent_total", "Routing: gossip datagrams sent", counter;
+    /// Routing: route summary datagrams sent (to probers).
+    route_gossip_sent => "meshd_route_gossip_sent_total", "Routing: summary datagrams sent to probers", counter;
     /// Requests retried on another instance or path before any response byte.
     requests_retried => "meshd_requests_retried_total", "Requests retried before the first byte", counter;
     /// Relayed streams this peer opened as origin.

@@ -1,12 +1,13 @@
 //! Driver of the router ([`crate::routing`]): probes, QUIC path statistics, signed route
-//! summaries gossiped behind SWIM packets, relayed streams with end-to-end TLS, and requests
+//! summaries sent to the peers that probe us, relayed streams with end-to-end TLS, and requests
 //! that are retried on another instance or path when they got no response byte.
 //!
 //! ```text
 //! probe loop (every probe_interval)
 //!   ├─ QUIC rtt/loss of open connections → Router::on_quic_stats
 //!   ├─ Router::tick → probe datagrams (kind 4), links marked down
-//!   └─ every summary_interval: sign our summary if it changed → route gossip (kind 3)
+//!   └─ every summary_interval: sign our summary if it changed → to recent probers (kind 3)
+//! probe received → answer (kind 5); the prober lacks our current summary → send it (kind 3)
 //! exchange(service, request)
 //!   └─ Router::choose → open direct or relayed → write → first byte within the deadline?
 //!        no: mark, exclude, retry (at most max_attempts); yes: feed the peak-EWMA
@@ -27,7 +28,6 @@ use tokio::time::{timeout, Instant};
 use tracing::{debug, info, warn};
 
 use super::{lock, open_stream, read, ForwardError, Inner};
-use crate::catalog::gossip::{transmissions_for, Gossip};
 use crate::catalog::signed::CatalogSigner;
 use crate::identity::{CertInfo, NodeId, NodeIdentity};
 use crate::routing::{summary, Choice, Router, RoutingConfig};
@@ -41,7 +41,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Duplex for T {}
 /// The routing state of a node.
 pub(super) struct State {
     pub(super) router: Mutex<Router>,
-    gossip: Mutex<Gossip>,
+    /// Peers that probed us lately, and which of our summaries each was sent.
+    probers: Mutex<HashMap<NodeId, Prober>>,
     signer: CatalogSigner,
     e2e_server: Arc<rustls::ServerConfig>,
     e2e_client: Arc<rustls::ClientConfig>,
@@ -50,17 +51,36 @@ pub(super) struct State {
     relayed_by_origin: Mutex<HashMap<NodeId, usize>>,
     /// Forwards served now (our load).
     serving: Arc<AtomicUsize>,
-    /// Last summary we published (to skip unchanged ones) and when.
-    published: Mutex<Option<(wire::RouteSummary, Instant)>>,
-    /// Signature checks left this second (a bound on gossip CPU).
-    verify_budget: Mutex<(Instant, u32)>,
+    /// Last summary we published (to skip unchanged ones), when, and its datagram.
+    published: Mutex<Option<Published>>,
     rng_state: AtomicU64,
     /// Bumped whenever a link or member goes down: in-flight attempts re-check their path.
     pub(super) events: tokio::sync::watch::Sender<u64>,
 }
 
-/// Most summary signatures checked per second (the rest wait for a later gossip round).
-const VERIFY_PER_SECOND: u32 = 200;
+/// Our last published summary.
+struct Published {
+    summary: wire::RouteSummary,
+    at: Instant,
+    /// The route datagram (kind 3) carrying it, signed.
+    datagram: Bytes,
+}
+
+/// A peer that probes us: it measures its link to us, so it wants our summary (it may relay
+/// through us or send to us).
+struct Prober {
+    last_probe: Instant,
+    /// The version of our summary last sent to it, and when.
+    sent: Option<(wire::CatalogVersion, Instant)>,
+}
+
+/// Most probers remembered (least recently probing first out).
+const MAX_PROBERS: usize = 256;
+/// A new summary is pushed at once to the peers that probed us within this.
+const PROBER_WINDOW: Duration = Duration::from_secs(6);
+/// An unchanged summary is sent again to a prober this often (receivers drop summaries not
+/// refreshed within `summary_ttl`, 30 s by default).
+const RESEND: Duration = Duration::from_secs(10);
 /// Instances of a service in use that are kept probed.
 const PROBED_INSTANCES: usize = 8;
 /// A summary is republished at least this often while it has links.
@@ -72,16 +92,13 @@ impl State {
         generation: u64,
         cfg: RoutingConfig,
         tls: crate::tls::TlsSettings,
-        cluster_size_hint: u32,
         seed: u64,
     ) -> Result<Self, String> {
         let (e2e_server, e2e_client) =
             crate::tls::e2e_configs(identity, tls).map_err(|e| e.to_string())?;
         Ok(Self {
             router: Mutex::new(Router::new(identity.info.node_id, generation, cfg)),
-            gossip: Mutex::new(Gossip::new(transmissions_for(
-                cluster_size_hint.max(1) as usize
-            ))),
+            probers: Mutex::new(HashMap::new()),
             signer: CatalogSigner::new(&identity.key).map_err(|e| e.to_string())?,
             e2e_server,
             e2e_client,
@@ -89,7 +106,6 @@ impl State {
             relayed_by_origin: Mutex::new(HashMap::new()),
             serving: Arc::new(AtomicUsize::new(0)),
             published: Mutex::new(None),
-            verify_budget: Mutex::new((Instant::now(), VERIFY_PER_SECOND)),
             rng_state: AtomicU64::new(seed ^ 0x726f_7574),
             events: tokio::sync::watch::channel(0).0,
         })
@@ -205,7 +221,7 @@ fn send_datagram(inner: &Arc<Inner>, peer: NodeId, payload: Bytes) {
     let _ = inner.membership_tx.try_send(cmd);
 }
 
-fn publish_summary(inner: &Inner, now: Instant) {
+fn publish_summary(inner: &Arc<Inner>, now: Instant) {
     let load = LoadReport {
         serving: inner.routing.serving.load(Ordering::Relaxed) as u32,
         relaying: inner.routing.relayed.load(Ordering::Relaxed) as u32,
@@ -219,27 +235,85 @@ fn publish_summary(inner: &Inner, now: Instant) {
     if summary.links.is_empty() {
         return;
     }
-    {
-        let mut published = lock(&inner.routing.published);
-        if let Some((old, at)) = published.as_ref() {
-            if now.saturating_duration_since(*at) < HEARTBEAT && !material_change(old, &summary) {
-                return;
-            }
+    if let Some(old) = lock(&inner.routing.published).as_ref() {
+        if now.saturating_duration_since(old.at) < HEARTBEAT
+            && !material_change(&old.summary, &summary)
+        {
+            return;
         }
-        *published = Some((summary.clone(), now));
     }
-    match summary::sign(&inner.routing.signer, &summary) {
-        Ok(signed) => {
-            if let Some(b) = wire::encode_route_item(&signed) {
-                lock(&inner.routing.gossip).insert(
-                    summary.node_id,
-                    summary.version,
-                    Bytes::from(b),
-                );
-                stats::inc(&inner.stats.route_summaries_published);
+    let signed = match summary::sign(&inner.routing.signer, &summary) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "route summary cannot be signed");
+            return;
+        }
+    };
+    let Some(item) = wire::encode_route_item(&signed) else {
+        return;
+    };
+    let mut datagram = vec![wire::DATAGRAM_ROUTES];
+    datagram.extend_from_slice(&wire::encode_gossip_items([item.as_slice()]));
+    let datagram = Bytes::from(datagram);
+    let version = summary.version;
+    *lock(&inner.routing.published) = Some(Published {
+        summary,
+        at: now,
+        datagram: datagram.clone(),
+    });
+    stats::inc(&inner.stats.route_summaries_published);
+    // Straight to the peers measuring their link to us; the others get it if they probe us.
+    let to: Vec<NodeId> = {
+        let mut probers = lock(&inner.routing.probers);
+        probers
+            .iter_mut()
+            .filter(|(_, p)| now.saturating_duration_since(p.last_probe) < PROBER_WINDOW)
+            .map(|(id, p)| {
+                p.sent = Some((version, now));
+                *id
+            })
+            .collect()
+    };
+    for peer in to {
+        send_datagram(inner, peer, datagram.clone());
+        stats::inc(&inner.stats.route_gossip_sent);
+    }
+}
+
+/// `peer` probed us: it gets our summary if it does not hold the current one (or not lately).
+fn on_probed(inner: &Arc<Inner>, peer: NodeId, now: Instant) {
+    let push = {
+        let published = lock(&inner.routing.published);
+        let mut probers = lock(&inner.routing.probers);
+        if probers.len() >= MAX_PROBERS && !probers.contains_key(&peer) {
+            if let Some(oldest) = probers
+                .iter()
+                .min_by_key(|(_, p)| p.last_probe)
+                .map(|(id, _)| *id)
+            {
+                probers.remove(&oldest);
             }
         }
-        Err(e) => warn!(error = %e, "route summary cannot be signed"),
+        let p = probers.entry(peer).or_insert(Prober {
+            last_probe: now,
+            sent: None,
+        });
+        p.last_probe = now;
+        match published.as_ref() {
+            Some(pb)
+                if !p.sent.is_some_and(|(v, at)| {
+                    v == pb.summary.version && now.saturating_duration_since(at) < RESEND
+                }) =>
+            {
+                p.sent = Some((pb.summary.version, now));
+                Some(pb.datagram.clone())
+            }
+            _ => None,
+        }
+    };
+    if let Some(d) = push {
+        send_datagram(inner, peer, d);
+        stats::inc(&inner.stats.route_gossip_sent);
     }
 }
 
@@ -263,61 +337,32 @@ fn material_change(old: &wire::RouteSummary, new: &wire::RouteSummary) -> bool {
     })
 }
 
-/// A route gossip payload (kind 3) to send behind a SWIM packet, if items wait.
-pub(super) fn poll_gossip(inner: &Inner, max: usize) -> Option<Vec<u8>> {
-    let payload = lock(&inner.routing.gossip).poll_datagram(max.saturating_sub(1))?;
-    let mut buf = Vec::with_capacity(payload.len() + 1);
-    buf.push(wire::DATAGRAM_ROUTES);
-    buf.extend_from_slice(&payload);
-    Some(buf)
-}
-
-/// A route gossip datagram from `from`.
+/// A route datagram (kind 3) from `from`: summaries are accepted from their origin only (the
+/// channel or TLS authenticated the sender, so the envelope's signature is not checked again).
 pub(super) fn handle_gossip(inner: &Inner, from: &CertInfo, payload: &[u8]) {
     let items = match wire::decode_route_gossip(payload) {
         Ok(i) => i,
         Err(e) => {
             stats::inc(&inner.stats.route_summaries_refused);
-            debug!(peer = %from.node_id.fmt_short(), error = %e, "bad route gossip");
+            debug!(peer = %from.node_id.fmt_short(), error = %e, "bad route datagram");
             return;
         }
     };
     let now = Instant::now();
     for s in items {
-        let Ok((origin, version)) = summary::peek(&s) else {
-            stats::inc(&inner.stats.route_summaries_refused);
-            continue;
-        };
-        if origin == inner.info.node_id
-            || inner.deny.is_node_denied(&origin)
-            || lock(&inner.routing.router).has_summary(&origin, version)
-            || !lock(&inner.routing.router).is_member(&origin)
-        {
-            continue;
-        }
-        {
-            let mut b = lock(&inner.routing.verify_budget);
-            if now.saturating_duration_since(b.0) >= Duration::from_secs(1) {
-                *b = (now, VERIFY_PER_SECOND);
-            }
-            if b.1 == 0 {
-                continue;
-            }
-            b.1 -= 1;
-        }
-        match summary::verify(&s) {
-            Ok(body) => {
-                if lock(&inner.routing.router).on_summary(body, now) {
-                    stats::inc(&inner.stats.route_summaries_applied);
-                    if let Some(b) = wire::encode_route_item(&s) {
-                        lock(&inner.routing.gossip).insert(origin, version, Bytes::from(b));
-                    }
-                }
-            }
+        let body = match summary::open_from(&s, &from.node_id) {
+            Ok(b) => b,
             Err(e) => {
                 stats::inc(&inner.stats.route_summaries_refused);
-                warn!(peer = %from.node_id.fmt_short(), error = %e, "route summary refused");
+                debug!(peer = %from.node_id.fmt_short(), error = %e, "route summary refused");
+                continue;
             }
+        };
+        if inner.deny.is_node_denied(&body.node_id) {
+            continue;
+        }
+        if lock(&inner.routing.router).on_summary(body, now) {
+            stats::inc(&inner.stats.route_summaries_applied);
         }
     }
 }
@@ -338,6 +383,7 @@ pub(super) fn handle_probe(inner: &Arc<Inner>, from: &CertInfo, kind: u8, payloa
             },
         );
         send_datagram(inner, from.node_id, Bytes::from(ack));
+        on_probed(inner, from.node_id, Instant::now());
     } else {
         lock(&inner.routing.router).on_probe_ack(from.node_id, p.nonce, p.coord, Instant::now());
     }

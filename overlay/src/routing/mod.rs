@@ -61,6 +61,10 @@ impl Hasher for IdHasher {
 /// a link or member down or up, a new summary — rebuild at the next decision). Keeps the
 /// rebuild (~2 ms at 1,000 peers) off most decisions.
 pub const REBUILD_EVERY: Duration = Duration::from_millis(250);
+/// A new summary of one origin is applied at most this often (origins publish every
+/// `summary_interval`, 2 s by default): a member sending a flood of versions cannot make every
+/// routing decision rebuild the graph.
+pub const MIN_SUMMARY_GAP: Duration = Duration::from_millis(500);
 /// How often idle relay candidates are chosen again.
 const NEIGHBOURS_EVERY: Duration = Duration::from_secs(5);
 /// Probe period of idle relay candidates (links in use: `probe_interval`).
@@ -90,7 +94,7 @@ pub struct RoutingConfig {
     pub neighbours: usize,
     /// A summary older than this is ignored. Default 30 s.
     pub summary_ttl: Duration,
-    /// How often this peer signs and gossips its summary. Default 2 s.
+    /// How often this peer checks whether its summary changed (then signs and sends it). Default 2 s.
     pub summary_interval: Duration,
     /// Cost of 100% loss relative to RTT. Default 10 (1% loss: +10%).
     pub loss_weight: f64,
@@ -255,7 +259,10 @@ impl LocalLink {
 
 #[derive(Clone, Debug)]
 struct Member {
+    /// The origin's summary and when it was last received.
     summary: Option<(RouteSummary, Instant)>,
+    /// When a new summary of it was last applied.
+    applied: Option<Instant>,
     /// Last use for a request (probed while recent).
     used: Option<Instant>,
 }
@@ -283,6 +290,8 @@ struct Tree {
     /// whether that link is estimated, and the layer the predecessor's cost is read from.
     cost: Vec<Vec<f64>>,
     parent: Vec<Vec<Option<(usize, bool, usize)>>>,
+    /// When the first summary it used stops being fresh (the tree is rebuilt then).
+    expires: Option<Instant>,
 }
 
 /// What a probe tick asks the driver to send.
@@ -379,6 +388,7 @@ impl Router {
         if let std::collections::hash_map::Entry::Vacant(e) = self.members.entry(peer) {
             e.insert(Member {
                 summary: None,
+                applied: None,
                 used: None,
             });
             self.invalidate();
@@ -652,7 +662,9 @@ impl Router {
         }
     }
 
-    /// A signed summary, already verified, arrived. Returns whether it was new.
+    /// A summary from its origin. Applied (true) if newer than the one held and the origin's
+    /// last new summary is at least [`MIN_SUMMARY_GAP`] old; the same version again only
+    /// refreshes it (it stays fresh for `summary_ttl` from then).
     pub fn on_summary(&mut self, s: RouteSummary, now: Instant) -> bool {
         if s.node_id == self.me {
             return false;
@@ -660,24 +672,24 @@ impl Router {
         let Some(m) = self.members.get_mut(&s.node_id) else {
             return false;
         };
-        if m.summary
-            .as_ref()
-            .is_some_and(|(old, _)| old.version >= s.version)
+        if let Some((old, at)) = m.summary.as_mut() {
+            if old.version > s.version {
+                return false;
+            }
+            if old.version == s.version {
+                *at = now;
+                return false;
+            }
+        }
+        if m.applied
+            .is_some_and(|t| now.saturating_duration_since(t) < MIN_SUMMARY_GAP)
         {
             return false;
         }
         m.summary = Some((s, now));
+        m.applied = Some(now);
         self.invalidate();
         true
-    }
-
-    /// The version a fresh summary of ours would carry, and whether there is one held for
-    /// `origin` at least as new as `v` (to skip verifying stale gossip).
-    pub fn has_summary(&self, origin: &NodeId, v: CatalogVersion) -> bool {
-        self.members
-            .get(origin)
-            .and_then(|m| m.summary.as_ref())
-            .is_some_and(|(s, _)| s.version >= v)
     }
 
     /// This peer's summary now: coordinate, load and its best measured live links.
@@ -770,10 +782,15 @@ impl Router {
             }
         }
         let mut reported: Vec<(u32, u32, f64)> = Vec::with_capacity(self.members.len() * 16);
+        let mut expires: Option<Instant> = None;
         for (i, id) in members.iter().enumerate() {
             let Some(s) = self.fresh_summary(id, now) else {
                 continue;
             };
+            if let Some((_, at)) = self.members.get(id).and_then(|m| m.summary.as_ref()) {
+                let e = *at + self.cfg.summary_ttl;
+                expires = Some(expires.map_or(e, |x| x.min(e)));
+            }
             let u = i + 1;
             for l in &s.links {
                 let Some(v) = index.get(&l.peer).map(|v| v.index()) else {
@@ -910,6 +927,7 @@ impl Router {
             ids,
             cost,
             parent,
+            expires,
         }
     }
 
@@ -918,7 +936,12 @@ impl Router {
             && self
                 .built_at
                 .is_none_or(|t| now.saturating_duration_since(t) >= REBUILD_EVERY);
-        if self.tree.is_none() || soft_due {
+        let expired = self
+            .tree
+            .as_ref()
+            .and_then(|t| t.expires)
+            .is_some_and(|e| now >= e);
+        if self.tree.is_none() || soft_due || expired {
             self.tree = Some(self.build(now));
             self.built_at = Some(now);
             self.stale = false;

@@ -7,7 +7,8 @@
 //! `node_id`), so "a peer advertising a link it does not own" cannot even be encoded; a
 //! summary signed by one node but naming another is refused.
 
-use crate::catalog::signed::{check, CatalogSigner, SignedError};
+use crate::catalog::signed::{check, node_id_of_key, CatalogSigner, SignedError};
+use crate::identity::NodeId;
 use crate::wire::{self, RouteSummary, SignedCatalog};
 
 /// Signature context of a route summary body.
@@ -42,12 +43,19 @@ pub fn verify(s: &SignedCatalog) -> Result<RouteSummary, SignedError> {
     Ok(summary)
 }
 
-/// Reads origin and version without checking the signature (to skip stale ones cheaply).
-pub fn peek(
-    s: &SignedCatalog,
-) -> Result<(crate::identity::NodeId, wire::CatalogVersion), SignedError> {
+/// Opens a summary received straight from `sender` (authenticated by the membership channel
+/// or by TLS): the body decodes within limits, names `sender` as its origin, and the envelope's
+/// key is `sender`'s. The signature is not checked: it adds nothing to an authenticated
+/// sender, and skipping it keeps a peer's summary work linear in the peers that probe it.
+pub fn open_from(s: &SignedCatalog, sender: &NodeId) -> Result<RouteSummary, SignedError> {
+    if s.signature.len() != 64 {
+        return Err(wire::WireError::Malformed("bad signature size".into()).into());
+    }
     let summary = wire::decode_route_summary(&s.body)?;
-    Ok((summary.node_id, summary.version))
+    if summary.node_id != *sender || node_id_of_key(&s.key) != *sender {
+        return Err(SignedError::KeyMismatch(summary.node_id));
+    }
+    Ok(summary)
 }
 
 #[cfg(test)]
@@ -83,7 +91,12 @@ mod tests {
         // a's own link to c: fine.
         let ok = sign(&sa, &body(a.node_id(), c.node_id())).unwrap();
         assert_eq!(verify(&ok).unwrap().node_id, a.node_id());
-        assert_eq!(peek(&ok).unwrap().0, a.node_id());
+        // Straight from its origin it opens; from anyone else it is refused.
+        assert_eq!(open_from(&ok, &a.node_id()).unwrap().node_id, a.node_id());
+        assert!(matches!(
+            open_from(&ok, &b.node_id()),
+            Err(SignedError::KeyMismatch(_))
+        ));
         // b cannot sign a summary that speaks for c (a link b is not an end of).
         assert!(matches!(
             sign(&sb, &body(c.node_id(), a.node_id())),
@@ -94,6 +107,9 @@ mod tests {
         let mut forged = sign(&sb, &body(b.node_id(), a.node_id())).unwrap();
         forged.body = forged_body;
         assert!(matches!(verify(&forged), Err(SignedError::KeyMismatch(_))));
+        // b sending it itself does not help: the body names c.
+        assert!(open_from(&forged, &b.node_id()).is_err());
+        assert!(open_from(&forged, &c.node_id()).is_err());
         // A changed body under the right key fails the signature.
         let mut tampered = ok.clone();
         let mut s = verify(&ok).unwrap();

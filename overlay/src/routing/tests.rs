@@ -135,6 +135,37 @@ fn stale_summaries_and_non_members_are_ignored() {
 }
 
 #[test]
+fn a_resent_summary_stays_fresh_and_a_flood_of_versions_is_damped() {
+    let t0 = Instant::now();
+    let (a, b, c) = (id(1), id(2), id(3));
+    let secs = |s: u64| t0 + Duration::from_secs(s);
+    let relays = |r: &mut Router, at| r.route(c, at).map(|p| p.relays).unwrap_or_default();
+    // a measures b at 10 ms, its link to c is down; b reports 1 ms to c.
+    let setup = || {
+        let mut r = router(a, &[b, c], &[(b, 10.0)], t0);
+        r.on_link_down_for_test(c);
+        assert!(r.on_summary(summary(b, 1, &[(c, 1.0)]), t0));
+        r
+    };
+    let mut stale = setup();
+    assert_eq!(relays(&mut stale, t0), vec![b]);
+    // Not received again for longer than the TTL: b's link to c is no longer known.
+    stale.on_quic_stats(b, Duration::from_millis(10), 0, 0, secs(31));
+    assert!(relays(&mut stale, secs(31)).is_empty());
+    // The same version received again at 20 s refreshes it: still routed through b at 31 s.
+    let mut fresh = setup();
+    assert!(!fresh.on_summary(summary(b, 1, &[(c, 1.0)]), secs(20)));
+    fresh.on_quic_stats(b, Duration::from_millis(10), 0, 0, secs(31));
+    assert_eq!(relays(&mut fresh, secs(31)), vec![b]);
+    // A newer version 100 ms after the last new one is dropped; 500 ms after, it applies.
+    let t = secs(40);
+    assert!(fresh.on_summary(summary(b, 2, &[(c, 1.0)]), t));
+    let soon = t + Duration::from_millis(100);
+    assert!(!fresh.on_summary(summary(b, 3, &[(c, 1.0)]), soon));
+    assert!(fresh.on_summary(summary(b, 4, &[(c, 1.0)]), t + MIN_SUMMARY_GAP));
+}
+
+#[test]
 fn paths_never_exceed_the_relay_limit() {
     let now = Instant::now();
     // A chain a - b - c - d - e - f with fast links, every direct link from a slow.
