@@ -45,6 +45,12 @@ async fn renewal_keeps_the_node_id_and_open_connections() {
     .await;
     timeout(LIMIT, b.wait_members(|m| m == 1)).await.unwrap();
     timeout(LIMIT, a.wait_members(|m| m == 1)).await.unwrap();
+    // Both have pulled the other's catalog on join (b's pull may race a's connection and dial
+    // a second one): count connections once that is over.
+    wait_until("join pulls", LIMIT, || {
+        a.stats().snapshot().catalog_pulls >= 1 && b.stats().snapshot().catalog_pulls >= 1
+    })
+    .await;
     let dialed = a.stats().snapshot().connections_dialed + b.stats().snapshot().connections_dialed;
     let open_before = b.stats().snapshot().connections_open;
     assert!(open_before >= 1);

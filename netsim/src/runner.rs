@@ -563,24 +563,14 @@ async fn simulate(
             }
         }
     }
-    let by_id: HashMap<String, usize> = sim
-        .index_of
-        .iter()
-        .map(|(id, i)| (id.to_string(), *i))
-        .collect();
     let mut false_link_downs = 0u64;
     for (obs, node) in lock(&sim.nodes).iter().enumerate() {
         let Some(node) = node else { continue };
-        let v = node.routes_view();
-        for p in v["peers"].as_array().into_iter().flatten() {
-            let downs = p["downs"].as_u64().unwrap_or(0);
-            let Some(&peer) = p["node_id"].as_str().and_then(|s| by_id.get(s)) else {
+        for (id, downs) in node.link_downs() {
+            let Some(&peer) = sim.index_of.get(&id) else {
                 continue;
             };
-            if downs > 0
-                && !crashed.contains(&peer)
-                && !cut.contains(&(obs.min(peer), obs.max(peer)))
-            {
+            if !crashed.contains(&peer) && !cut.contains(&(obs.min(peer), obs.max(peer))) {
                 false_link_downs += downs;
             }
         }

@@ -701,6 +701,12 @@ impl Node {
         routing::view(&self.inner)
     }
 
+    /// How many times the router marked each of its links down (links marked down at least
+    /// once); cheap, unlike [`Node::routes_view`].
+    pub fn link_downs(&self) -> Vec<(NodeId, u64)> {
+        routing::link_downs(&self.inner)
+    }
+
     /// Opens a forwarding stream to `service` on the best provider and returns it, header sent.
     pub async fn open_service_stream(
         &self,

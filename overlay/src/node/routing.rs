@@ -1057,6 +1057,10 @@ async fn read_header<R: AsyncRead + Unpin>(r: &mut R) -> Result<StreamHeader, wi
 }
 
 /// The routes view (`GET /v1/routes`).
+pub(super) fn link_downs(inner: &Inner) -> Vec<(NodeId, u64)> {
+    lock(&inner.routing.router).link_downs()
+}
+
 pub(super) fn view(inner: &Inner) -> serde_json::Value {
     let v = lock(&inner.routing.router).view(Instant::now());
     serde_json::to_value(v).unwrap_or_default()

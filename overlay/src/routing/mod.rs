@@ -692,6 +692,18 @@ impl Router {
         true
     }
 
+    /// How many times each link was marked down (links marked down at least once).
+    pub fn link_downs(&self) -> Vec<(NodeId, u64)> {
+        let mut v: Vec<(NodeId, u64)> = self
+            .links
+            .iter()
+            .filter(|(_, l)| l.downs > 0)
+            .map(|(id, l)| (*id, l.downs))
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
     /// This peer's summary now: coordinate, load and its best measured live links.
     pub fn local_summary(&mut self) -> RouteSummary {
         self.seq += 1;
