@@ -35,9 +35,9 @@ pub trait Identity: Clone + Eq + fmt::Debug {
     ///
     /// It's a good idea to have this type as lean as possible
     ///
-    /// meshd: `Ord + Clone` (was `PartialEq`) so members are indexed by address instead of
-    /// searched linearly.
-    type Addr: Ord + Clone;
+    /// meshd: `Eq + Hash + Clone` (was `PartialEq`) so members are indexed by address
+    /// instead of searched linearly.
+    type Addr: Eq + core::hash::Hash + Clone;
 
     /// Opt-in on auto-rejoining by providing a new identity.
     ///

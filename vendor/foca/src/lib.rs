@@ -118,7 +118,7 @@
 extern crate alloc;
 use alloc::{boxed::Box, vec::Vec};
 
-#[cfg(feature = "std")]
+// meshd: std is always linked (the member index is a `std::collections::HashMap`).
 extern crate std;
 
 use core::{cmp::Ordering, convert::TryFrom, fmt, iter::ExactSizeIterator, mem};
