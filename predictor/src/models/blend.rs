@@ -46,6 +46,11 @@ pub struct BlendParams {
     pub top: usize,
     /// Strength of the repeat gate, 0 (off) to 1 (scores fully re-split by the repeat rate).
     pub gate: f32,
+    /// Highest context order counted per scope (client, group, global), each at most
+    /// `ModelConfig::max_order`.
+    pub orders: [usize; 3],
+    /// Whether each scope (client, group, global) counts the bag context.
+    pub bags: [bool; 3],
 }
 
 impl Default for BlendParams {
@@ -57,8 +62,22 @@ impl Default for BlendParams {
             repeat_alpha: 0.3,
             gate: 0.5,
             own_after: 0,
-            top: 12,
+            top: 8,
             trust: 2.0,
+            orders: [1, MAX_ORDER, MAX_ORDER],
+            bags: [false, true, true],
+        }
+    }
+}
+
+impl BlendParams {
+    /// The previous shipped model (`blend-full`, kept as a comparison): every scope at every
+    /// order with its bag (18 tables).
+    pub fn full() -> Self {
+        Self {
+            orders: [MAX_ORDER; 3],
+            bags: [true; 3],
+            ..Self::default()
         }
     }
 }
@@ -186,6 +205,7 @@ pub(crate) struct BlendState {
 /// The shipped model (see the module docs).
 #[derive(Debug, Clone)]
 pub struct Blend {
+    name: &'static str,
     core: Core<Skill>,
     global: Skill,
     params: BlendParams,
@@ -207,23 +227,26 @@ impl Experts {
     /// and `BAG, 1, 0` (bag, if the bag table has data), specialised: the chains are
     /// descending runs of orders, so each is walked once with per-table values shared.
     #[cfg(test)]
-    fn new(stats: &Stats, hi: usize, lo: usize) -> Self {
+    fn new(stats: &Stats, his: [usize; 3], lo: usize) -> Self {
         let mut ex = Self {
             w: [[0.0; SLOTS]; EXPERTS],
             avail: [false; EXPERTS],
         };
-        ex.fill(stats, hi, lo);
+        ex.fill(stats, his, lo);
         ex
     }
 
     /// The experts' weights (see `new`, the test reference's entry point) written in place
     /// (no copy of the result).
-    fn fill(&mut self, stats: &Stats, hi: usize, lo: usize) {
+    fn fill(&mut self, stats: &Stats, his: [usize; 3], lo: usize) {
         let Self { w, avail } = self;
         *w = [[0.0; SLOTS]; EXPERTS];
         *avail = [false; EXPERTS];
         for s in [CLIENT, GROUP, GLOBAL] {
             let st = &stats[s];
+            let hi = his[s];
+            // The short chain only when it differs from the long one.
+            let lo = if lo < hi { Some(lo) } else { None };
             // `&` rather than `&&`: no branches (measured: fewer instructions).
             let ok: [bool; SLOTS] = std::array::from_fn(|i| (st[i].0 > 0.0) & (st[i].1 > 0.0));
             // Lowest usable order: where the descending chains end (all end at order 0's
@@ -237,7 +260,8 @@ impl Experts {
                 continue;
             };
             // The long and short chains: orders `top..=0`.
-            for (e, top) in [(3 * s, hi), (3 * s + 1, lo)] {
+            for (e, top) in [(3 * s, Some(hi)), (3 * s + 1, lo)] {
+                let Some(top) = top else { continue };
                 if low <= top {
                     descend(st, &ok, top, low, 1.0, &mut w[e]);
                 }
@@ -329,10 +353,10 @@ fn stat_bits(stats: &Stats) -> StatBits {
 impl Memo {
     /// The experts for `stats`, recomputed (in place) unless they are the memoised ones.
     #[inline]
-    fn experts(&mut self, stats: &Stats, hi: usize, lo: usize) -> &Experts {
+    fn experts(&mut self, stats: &Stats, his: [usize; 3], lo: usize) -> &Experts {
         let key = stat_bits(stats);
         if !(self.valid && self.key == key) {
-            self.store(key, stats, hi, lo);
+            self.store(key, stats, his, lo);
         }
         &self.ex
     }
@@ -340,15 +364,15 @@ impl Memo {
     /// The experts for `stats`, computed and memoised without looking at the memo first
     /// (for `predict`, whose tables have almost always changed since the last `observe`).
     #[inline]
-    fn recompute(&mut self, stats: &Stats, hi: usize, lo: usize) -> &Experts {
-        self.store(stat_bits(stats), stats, hi, lo);
+    fn recompute(&mut self, stats: &Stats, his: [usize; 3], lo: usize) -> &Experts {
+        self.store(stat_bits(stats), stats, his, lo);
         &self.ex
     }
 
-    fn store(&mut self, key: StatBits, stats: &Stats, hi: usize, lo: usize) {
+    fn store(&mut self, key: StatBits, stats: &Stats, his: [usize; 3], lo: usize) {
         self.valid = true;
         self.key = key;
-        self.ex.fill(stats, hi, lo);
+        self.ex.fill(stats, his, lo);
     }
 }
 
@@ -404,6 +428,14 @@ impl Blend {
         Self::with_params(cfg, BlendParams::default())
     }
 
+    /// The previous shipped model (`blend-full`, see [`BlendParams::full`]).
+    pub fn full(cfg: &ModelConfig) -> Self {
+        Self {
+            name: "blend-full",
+            ..Self::with_params(cfg, BlendParams::full())
+        }
+    }
+
     /// A fresh model with explicit parameters.
     pub fn with_params(cfg: &ModelConfig, params: BlendParams) -> Self {
         let mut core = Core::new(
@@ -412,8 +444,10 @@ impl Blend {
             0,
             cfg.max_order.clamp(1, MAX_ORDER),
         );
-        core.bag = true;
+        core.bag = params.bags;
+        core.his = std::array::from_fn(|s| params.orders[s].clamp(core.lo, core.hi));
         Self {
+            name: "blend",
             core,
             global: Skill::default(),
             params,
@@ -515,7 +549,7 @@ impl Blend {
                 stats[s][slot] = (pre.total, pre.distinct);
                 counts[s][slot] = pre.count;
             });
-        let (hi, lo) = (self.core.hi, self.low());
+        let (his, lo) = (self.core.his, self.low());
         let mut own_ex;
         let ex = match self.memo.0.get_mut() {
             Ok(s) => &mut s.memo,
@@ -524,7 +558,7 @@ impl Blend {
                 &mut own_ex
             }
         }
-        .experts(&stats, hi, lo);
+        .experts(&stats, his, lo);
         // Each expert's probability of the service, `Σ_slot w[e][slot] · count[slot]` summed
         // in slot order (as `Iterator::sum`, from -0.0), all experts at once (vectorises).
         let mut probs = [-0.0f32; EXPERTS];
@@ -637,7 +671,7 @@ impl Blend {
         let v = self.core.view(c);
         let t = tables(&v);
         let stats = stats_of(&t);
-        let ex = memo.recompute(&stats, self.core.hi, self.low());
+        let ex = memo.recompute(&stats, self.core.his, self.low());
         let skill = if c.events >= self.params.own_after {
             &c.ext
         } else {
@@ -692,7 +726,7 @@ impl Blend {
 
 impl Model for Blend {
     fn name(&self) -> &'static str {
-        "blend"
+        self.name
     }
 
     fn observe_grouped(
@@ -756,7 +790,9 @@ mod tests {
         let bag = [BAG_SLOT, 1, 0];
         for s in [CLIENT, GROUP, GLOBAL] {
             ppm_chain(&stats[s], &long[..=hi], &mut w[3 * s]);
-            ppm_chain(&stats[s], &short[..=lo], &mut w[3 * s + 1]);
+            if lo < hi {
+                ppm_chain(&stats[s], &short[..=lo], &mut w[3 * s + 1]);
+            }
             if stats[s][BAG_SLOT].0 > 0.0 {
                 ppm_chain(&stats[s], &bag, &mut w[3 * s + 2]);
             }
@@ -785,7 +821,7 @@ mod tests {
                 })
             });
             for (hi, lo) in [(4, 1), (4, 0), (2, 1), (1, 1), (3, 2)] {
-                let (a, b) = (Experts::new(&stats, hi, lo), reference(&stats, hi, lo));
+                let (a, b) = (Experts::new(&stats, [hi; 3], lo), reference(&stats, hi, lo));
                 assert_eq!(a.avail, b.avail, "{stats:?} {hi} {lo}");
                 for e in 0..EXPERTS {
                     for i in 0..SLOTS {
