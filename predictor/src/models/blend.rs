@@ -51,6 +51,10 @@ pub struct BlendParams {
     pub orders: [usize; 3],
     /// Whether each scope (client, group, global) counts the bag context.
     pub bags: [bool; 3],
+    /// Whether the model-wide mixture weights (new clients' starting weights) are learned
+    /// (one more weight update per event) rather than equal. The model-wide repeat rate is
+    /// learned either way.
+    pub learn_prior_weights: bool,
 }
 
 impl Default for BlendParams {
@@ -66,17 +70,19 @@ impl Default for BlendParams {
             trust: 2.0,
             orders: [1, MAX_ORDER, MAX_ORDER],
             bags: [false, true, true],
+            learn_prior_weights: false,
         }
     }
 }
 
 impl BlendParams {
     /// The previous shipped model (`blend-full`, kept as a comparison): every scope at every
-    /// order with its bag (18 tables).
+    /// order with its bag (18 tables), model-wide weights learned.
     pub fn full() -> Self {
         Self {
             orders: [MAX_ORDER; 3],
             bags: [true; 3],
+            learn_prior_weights: true,
             ..Self::default()
         }
     }
@@ -218,6 +224,8 @@ struct Experts {
     /// `w[e][slot]`: weight of table `slot` (order, or the bag) of scope `e / 3` in expert `e`.
     w: [[f32; SLOTS]; EXPERTS],
     avail: [bool; EXPERTS],
+    /// `avail` as 1.0 / 0.0, padded to whole lanes with 0.
+    mask: [f32; LANES],
 }
 
 impl Experts {
@@ -231,6 +239,7 @@ impl Experts {
         let mut ex = Self {
             w: [[0.0; SLOTS]; EXPERTS],
             avail: [false; EXPERTS],
+            mask: [0.0; LANES],
         };
         ex.fill(stats, his, lo);
         ex
@@ -239,7 +248,7 @@ impl Experts {
     /// The experts' weights (see `new`, the test reference's entry point) written in place
     /// (no copy of the result).
     fn fill(&mut self, stats: &Stats, his: [usize; 3], lo: usize) {
-        let Self { w, avail } = self;
+        let Self { w, avail, mask } = self;
         *w = [[0.0; SLOTS]; EXPERTS];
         *avail = [false; EXPERTS];
         for s in [CLIENT, GROUP, GLOBAL] {
@@ -287,26 +296,26 @@ impl Experts {
                 avail[e] = w[e].iter().any(|&x| x > 0.0);
             }
         }
+        *mask = std::array::from_fn(|e| f32::from(u8::from(avail.get(e) == Some(&true))));
     }
 
     /// Mixture weights `w`, scaled by each scope's data (`n0[scope]`, see
     /// [`BlendParams::trust`]) and renormalised over the available experts.
     fn mix(&self, w: &[f32; EXPERTS], n0: &[f32; 3], trust: f32) -> [f32; EXPERTS] {
-        let mut out = [0.0; EXPERTS];
+        // Each scope's trust factor once, then branch-free over the experts.
+        let f: [f32; 3] =
+            std::array::from_fn(|s| n0[s] / (n0[s] + trust.max(0.0) + f32::MIN_POSITIVE));
+        let out: [f32; EXPERTS] = std::array::from_fn(|e| self.mask[e] * w[e].max(0.0) * f[e / 3]);
         let mut sum = 0.0;
-        for e in 0..EXPERTS {
-            if self.avail[e] {
-                let n = n0[e / 3];
-                out[e] = w[e].max(0.0) * n / (n + trust.max(0.0) + f32::MIN_POSITIVE);
-                sum += out[e];
-            }
+        for x in &out {
+            sum += x;
         }
         if sum > 0.0 {
-            for x in &mut out {
-                *x /= sum;
-            }
+            let inv = 1.0 / sum;
+            out.map(|x| x * inv)
+        } else {
+            out
         }
-        out
     }
 }
 
@@ -474,52 +483,43 @@ impl Blend {
     }
 
     /// Exponentiated-gradient step of the mixture weights towards the experts that gave the
-    /// observed service more probability than the mixture did; unavailable experts keep theirs.
+    /// observed service more probability than the mixture did; unavailable experts (`mask` 0)
+    /// keep theirs.
+    ///
+    /// Branch-free over whole lanes (the mask multiplies instead of an `if` per expert), so
+    /// the compiler keeps it in SIMD registers; the sums run in expert order.
     fn update_skill(
         skill: &mut Skill,
         p: &BlendParams,
-        probs: &[f32; EXPERTS],
-        avail: &[bool; EXPERTS],
+        probs: &[f32; LANES],
+        mask: &[f32; LANES],
         repeat: Option<bool>,
     ) {
-        // One pass over the available experts (same sums, in the same order, as summing the
-        // filtered sequences).
-        let (mut mix, mut mass, mut n) = (0.0f32, 0.0f32, 0u32);
+        let w: [f32; LANES] = std::array::from_fn(|e| skill.w.get(e).copied().unwrap_or(0.0));
+        let (mut mix, mut mass, mut n) = (0.0f32, 0.0f32, 0.0f32);
         for e in 0..EXPERTS {
-            if avail[e] {
-                mix += skill.w[e] * probs[e];
-                mass += skill.w[e];
-                n += 1;
-            }
+            let mw = mask[e] * w[e];
+            mix += mw * probs[e];
+            mass += mw;
+            n += mask[e];
         }
         if mix > 0.0 && mass > 0.0 {
-            let mix = mix / mass;
-            let n = n as f32;
-            // Every expert's factor at once, in lanes of 4 (`exp_approx` is branch-free, so
-            // this loop vectorises); only the available experts' factors are used.
+            // `probs / (mix / mass)`, one division for all lanes.
+            let inv = mass / mix;
             let mut x = [0.0f32; LANES];
-            for e in 0..EXPERTS {
-                x[e] = p.rate * (probs[e] / mix - 1.0);
+            for e in 0..LANES {
+                x[e] = exp_approx(p.rate * (probs[e] * inv - 1.0));
             }
-            for v in &mut x {
-                *v = exp_approx(*v);
-            }
-            let new: [f32; EXPERTS] = std::array::from_fn(|e| skill.w[e] * x[e]);
+            let new: [f32; LANES] = std::array::from_fn(|e| mask[e] * w[e] * x[e]);
             let mut sum = 0.0;
-            for e in 0..EXPERTS {
-                if avail[e] {
-                    sum += new[e];
-                }
+            for v in &new[..EXPERTS] {
+                sum += v;
             }
             if sum > 0.0 && sum.is_finite() {
-                let (keep, spread) = (1.0 - p.share, p.share * mass / n);
+                let (scale, spread) = ((1.0 - p.share) * mass / sum, p.share * mass / n);
                 for e in 0..EXPERTS {
-                    let w = mass * new[e] / sum;
-                    skill.w[e] = if avail[e] {
-                        keep * w + spread
-                    } else {
-                        skill.w[e]
-                    };
+                    let updated = scale * new[e] + spread;
+                    skill.w[e] = if mask[e] > 0.0 { updated } else { w[e] };
                 }
             }
         }
@@ -561,19 +561,24 @@ impl Blend {
         .experts(&stats, his, lo);
         // Each expert's probability of the service, `Σ_slot w[e][slot] · count[slot]` summed
         // in slot order (as `Iterator::sum`, from -0.0), all experts at once (vectorises).
-        let mut probs = [-0.0f32; EXPERTS];
-        // The slot indexes the weights of every expert and the counts of every scope.
-        #[allow(clippy::needless_range_loop)]
-        for slot in 0..SLOTS {
-            for (e, p) in probs.iter_mut().enumerate() {
-                *p += ex.w[e][slot] * counts[e / 3][slot];
-            }
+        let mut probs = [0.0f32; LANES];
+        for (e, p) in probs.iter_mut().enumerate().take(EXPERTS) {
+            let c = &counts[e / 3];
+            *p = (0..SLOTS).map(|slot| ex.w[e][slot] * c[slot]).sum();
         }
         let repeat = (!first).then_some(counts[CLIENT][0] > 0.0);
         let p = self.params;
-        Self::update_skill(&mut self.global, &p, &probs, &ex.avail, repeat);
+        // The model-wide skill is the prior of new clients. Its repeat rate is learned from
+        // every request; its mixture weights only if `learn_prior_weights` (a second
+        // exponentiated-gradient step per event): otherwise a new client starts from equal
+        // weights, and the trust factor leans it on the scopes that have data.
+        if p.learn_prior_weights {
+            Self::update_skill(&mut self.global, &p, &probs, &ex.mask, repeat);
+        } else if let Some(r) = repeat {
+            self.global.rho += p.repeat_alpha * (f32::from(u8::from(r)) - self.global.rho);
+        }
         if let Some(c) = self.core.clients.get_mut(&client) {
-            Self::update_skill(&mut c.ext, &p, &probs, &ex.avail, repeat);
+            Self::update_skill(&mut c.ext, &p, &probs, &ex.mask, repeat);
             c.ext.note_use(service.0, at.0, gap);
         }
     }
@@ -800,7 +805,8 @@ mod tests {
                 avail[e] = w[e].iter().any(|&x| x > 0.0);
             }
         }
-        Experts { w, avail }
+        let mask = std::array::from_fn(|e| f32::from(u8::from(avail.get(e) == Some(&true))));
+        Experts { w, avail, mask }
     }
 
     #[test]
