@@ -296,7 +296,10 @@ impl Experts {
                 avail[e] = w[e].iter().any(|&x| x > 0.0);
             }
         }
-        *mask = std::array::from_fn(|e| f32::from(u8::from(avail.get(e) == Some(&true))));
+        *mask = [0.0; LANES];
+        for (m, &a) in mask.iter_mut().zip(avail.iter()) {
+            *m = f32::from(u8::from(a));
+        }
     }
 
     /// Mixture weights `w`, scaled by each scope's data (`n0[scope]`, see
@@ -495,7 +498,8 @@ impl Blend {
         mask: &[f32; LANES],
         repeat: Option<bool>,
     ) {
-        let w: [f32; LANES] = std::array::from_fn(|e| skill.w.get(e).copied().unwrap_or(0.0));
+        let mut w = [0.0f32; LANES];
+        w[..EXPERTS].copy_from_slice(&skill.w);
         let (mut mix, mut mass, mut n) = (0.0f32, 0.0f32, 0.0f32);
         for e in 0..EXPERTS {
             let mw = mask[e] * w[e];
