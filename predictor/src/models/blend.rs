@@ -1,11 +1,16 @@
 //! The shipped model: client, group and global context models mixed by learned weights.
 //!
-//! For the client's current context, each scope (the client alone, its group, all clients)
-//! gives a PPM-C back-off distribution over orders `max_order..=0`. The three are mixed
-//! linearly with weights `softmax(L)`, where `L[scope]` is a decayed sum of the log-probability
-//! that scope gave to what the client actually did next: a per-client score, started from the
-//! model-wide score when the client is new. A microservice pod thus trusts its own history once
-//! it has one, a new pod leans on its deployment's, and a web client on everybody's.
+//! For the client's current context, each scope gives PPM-C back-off distributions over its
+//! count tables: the client alone over its orders 1..=0 (its own frequencies and transitions),
+//! the client's group and all clients over orders `max_order..=0` (long), 1..=0 (short) and
+//! the unordered last two services (bag) — the long contexts are counted where there is the
+//! most data, pooled over every client with the same recent history. Which orders and bags
+//! each scope counts is a parameter ([`BlendParams::orders`], [`BlendParams::bags`]);
+//! [`BlendParams::full`] counts all of them in every scope (the `blend-full` comparison model).
+//! The experts are mixed linearly with weights learned per client by exponentiated gradient on
+//! log loss (a new client starts from equal weights), each scaled by how much data its scope
+//! has. A microservice pod thus trusts its own history once it has one, a new pod leans on its
+//! deployment's, and a web client on everybody's.
 //!
 //! A *repeat gate* then splits the mass between services the client already used (in its own
 //! order-0 table) and new ones, in the proportion the client has shown (`rho`, a moving average
