@@ -4,7 +4,8 @@
 //! criterion's own work.
 //!
 //! `cargo run -p predictor --release --example profile -- TRACE [MODEL] [EVENTS]`
-//! (MODEL defaults to the shipped one, EVENTS to 1,000,000).
+//! (MODEL defaults to the shipped one, EVENTS to 1,000,000; `BLEND='{"top":8}'` sets the
+//! blend's parameters).
 
 use std::hint::black_box;
 
@@ -30,7 +31,14 @@ fn main() -> anyhow::Result<()> {
     anyhow::ensure!(evs.len() >= 2, "trace too short");
     let span = evs[evs.len() - 1].0 .0 - evs[0].0 .0 + 1;
     let warm = evs.len() * 7 / 10;
-    let mut model = kind.build(&Default::default());
+    // `BLEND='{...}'` (JSON `BlendParams`) profiles the blend with other parameters.
+    let mut model = match std::env::var("BLEND") {
+        Ok(json) if kind == ModelKind::Blend => Box::new(predictor::models::Blend::with_params(
+            &Default::default(),
+            serde_json::from_str(&json)?,
+        )),
+        _ => kind.build(&Default::default()),
+    };
     for &(at, client, group, service) in &evs[..warm] {
         model.observe_grouped(client, group, service, at);
     }

@@ -22,8 +22,9 @@ use crate::models::{Blend, Model, ModelConfig};
 use crate::{ClientId, GroupId, GroupRule, Millis, Prediction, ServiceId};
 
 /// Version written into snapshots; restoring any other version fails. (2: per-client use
-/// timing for the horizon ranking; 3: lazily decayed count tables, with a scale per table.)
-pub const SNAPSHOT_VERSION: u32 = 3;
+/// timing for the horizon ranking; 3: lazily decayed count tables, with a scale per table;
+/// 4: the leaner shipped blend, whose parameters name the orders and bags of each scope.)
+pub const SNAPSHOT_VERSION: u32 = 4;
 
 /// Everything configurable about the [`Predictor`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -1,11 +1,16 @@
 //! The shipped model: client, group and global context models mixed by learned weights.
 //!
-//! For the client's current context, each scope (the client alone, its group, all clients)
-//! gives a PPM-C back-off distribution over orders `max_order..=0`. The three are mixed
-//! linearly with weights `softmax(L)`, where `L[scope]` is a decayed sum of the log-probability
-//! that scope gave to what the client actually did next: a per-client score, started from the
-//! model-wide score when the client is new. A microservice pod thus trusts its own history once
-//! it has one, a new pod leans on its deployment's, and a web client on everybody's.
+//! For the client's current context, each scope gives PPM-C back-off distributions over its
+//! count tables: the client alone over its orders 1..=0 (its own frequencies and transitions),
+//! the client's group and all clients over orders `max_order..=0` (long), 1..=0 (short) and
+//! the unordered last two services (bag) — the long contexts are counted where there is the
+//! most data, pooled over every client with the same recent history. Which orders and bags
+//! each scope counts is a parameter ([`BlendParams::orders`], [`BlendParams::bags`]);
+//! [`BlendParams::full`] counts all of them in every scope (the `blend-full` comparison model).
+//! The experts are mixed linearly with weights learned per client by exponentiated gradient on
+//! log loss (a new client starts from equal weights), each scaled by how much data its scope
+//! has. A microservice pod thus trusts its own history once it has one, a new pod leans on its
+//! deployment's, and a web client on everybody's.
 //!
 //! A *repeat gate* then splits the mass between services the client already used (in its own
 //! order-0 table) and new ones, in the proportion the client has shown (`rho`, a moving average
@@ -46,6 +51,15 @@ pub struct BlendParams {
     pub top: usize,
     /// Strength of the repeat gate, 0 (off) to 1 (scores fully re-split by the repeat rate).
     pub gate: f32,
+    /// Highest context order counted per scope (client, group, global), each at most
+    /// `ModelConfig::max_order`.
+    pub orders: [usize; 3],
+    /// Whether each scope (client, group, global) counts the bag context.
+    pub bags: [bool; 3],
+    /// Whether the model-wide mixture weights (new clients' starting weights) are learned
+    /// (one more weight update per event) rather than equal. The model-wide repeat rate is
+    /// learned either way.
+    pub learn_prior_weights: bool,
 }
 
 impl Default for BlendParams {
@@ -57,8 +71,24 @@ impl Default for BlendParams {
             repeat_alpha: 0.3,
             gate: 0.5,
             own_after: 0,
-            top: 12,
+            top: 8,
             trust: 2.0,
+            orders: [1, MAX_ORDER, MAX_ORDER],
+            bags: [false, true, true],
+            learn_prior_weights: false,
+        }
+    }
+}
+
+impl BlendParams {
+    /// The previous shipped model (`blend-full`, kept as a comparison): every scope at every
+    /// order with its bag (18 tables), model-wide weights learned.
+    pub fn full() -> Self {
+        Self {
+            orders: [MAX_ORDER; 3],
+            bags: [true; 3],
+            learn_prior_weights: true,
+            ..Self::default()
         }
     }
 }
@@ -186,6 +216,7 @@ pub(crate) struct BlendState {
 /// The shipped model (see the module docs).
 #[derive(Debug, Clone)]
 pub struct Blend {
+    name: &'static str,
     core: Core<Skill>,
     global: Skill,
     params: BlendParams,
@@ -198,6 +229,8 @@ struct Experts {
     /// `w[e][slot]`: weight of table `slot` (order, or the bag) of scope `e / 3` in expert `e`.
     w: [[f32; SLOTS]; EXPERTS],
     avail: [bool; EXPERTS],
+    /// `avail` as 1.0 / 0.0, padded to whole lanes with 0.
+    mask: [f32; LANES],
 }
 
 impl Experts {
@@ -207,23 +240,27 @@ impl Experts {
     /// and `BAG, 1, 0` (bag, if the bag table has data), specialised: the chains are
     /// descending runs of orders, so each is walked once with per-table values shared.
     #[cfg(test)]
-    fn new(stats: &Stats, hi: usize, lo: usize) -> Self {
+    fn new(stats: &Stats, his: [usize; 3], lo: usize) -> Self {
         let mut ex = Self {
             w: [[0.0; SLOTS]; EXPERTS],
             avail: [false; EXPERTS],
+            mask: [0.0; LANES],
         };
-        ex.fill(stats, hi, lo);
+        ex.fill(stats, his, lo);
         ex
     }
 
     /// The experts' weights (see `new`, the test reference's entry point) written in place
     /// (no copy of the result).
-    fn fill(&mut self, stats: &Stats, hi: usize, lo: usize) {
-        let Self { w, avail } = self;
+    fn fill(&mut self, stats: &Stats, his: [usize; 3], lo: usize) {
+        let Self { w, avail, mask } = self;
         *w = [[0.0; SLOTS]; EXPERTS];
         *avail = [false; EXPERTS];
         for s in [CLIENT, GROUP, GLOBAL] {
             let st = &stats[s];
+            let hi = his[s];
+            // The short chain only when it differs from the long one.
+            let lo = if lo < hi { Some(lo) } else { None };
             // `&` rather than `&&`: no branches (measured: fewer instructions).
             let ok: [bool; SLOTS] = std::array::from_fn(|i| (st[i].0 > 0.0) & (st[i].1 > 0.0));
             // Lowest usable order: where the descending chains end (all end at order 0's
@@ -237,7 +274,8 @@ impl Experts {
                 continue;
             };
             // The long and short chains: orders `top..=0`.
-            for (e, top) in [(3 * s, hi), (3 * s + 1, lo)] {
+            for (e, top) in [(3 * s, Some(hi)), (3 * s + 1, lo)] {
+                let Some(top) = top else { continue };
                 if low <= top {
                     descend(st, &ok, top, low, 1.0, &mut w[e]);
                 }
@@ -263,26 +301,29 @@ impl Experts {
                 avail[e] = w[e].iter().any(|&x| x > 0.0);
             }
         }
+        *mask = [0.0; LANES];
+        for (m, &a) in mask.iter_mut().zip(avail.iter()) {
+            *m = f32::from(u8::from(a));
+        }
     }
 
     /// Mixture weights `w`, scaled by each scope's data (`n0[scope]`, see
     /// [`BlendParams::trust`]) and renormalised over the available experts.
     fn mix(&self, w: &[f32; EXPERTS], n0: &[f32; 3], trust: f32) -> [f32; EXPERTS] {
-        let mut out = [0.0; EXPERTS];
+        // Each scope's trust factor once, then branch-free over the experts.
+        let f: [f32; 3] =
+            std::array::from_fn(|s| n0[s] / (n0[s] + trust.max(0.0) + f32::MIN_POSITIVE));
+        let out: [f32; EXPERTS] = std::array::from_fn(|e| self.mask[e] * w[e].max(0.0) * f[e / 3]);
         let mut sum = 0.0;
-        for e in 0..EXPERTS {
-            if self.avail[e] {
-                let n = n0[e / 3];
-                out[e] = w[e].max(0.0) * n / (n + trust.max(0.0) + f32::MIN_POSITIVE);
-                sum += out[e];
-            }
+        for x in &out {
+            sum += x;
         }
         if sum > 0.0 {
-            for x in &mut out {
-                *x /= sum;
-            }
+            let inv = 1.0 / sum;
+            out.map(|x| x * inv)
+        } else {
+            out
         }
-        out
     }
 }
 
@@ -329,10 +370,10 @@ fn stat_bits(stats: &Stats) -> StatBits {
 impl Memo {
     /// The experts for `stats`, recomputed (in place) unless they are the memoised ones.
     #[inline]
-    fn experts(&mut self, stats: &Stats, hi: usize, lo: usize) -> &Experts {
+    fn experts(&mut self, stats: &Stats, his: [usize; 3], lo: usize) -> &Experts {
         let key = stat_bits(stats);
         if !(self.valid && self.key == key) {
-            self.store(key, stats, hi, lo);
+            self.store(key, stats, his, lo);
         }
         &self.ex
     }
@@ -340,15 +381,15 @@ impl Memo {
     /// The experts for `stats`, computed and memoised without looking at the memo first
     /// (for `predict`, whose tables have almost always changed since the last `observe`).
     #[inline]
-    fn recompute(&mut self, stats: &Stats, hi: usize, lo: usize) -> &Experts {
-        self.store(stat_bits(stats), stats, hi, lo);
+    fn recompute(&mut self, stats: &Stats, his: [usize; 3], lo: usize) -> &Experts {
+        self.store(stat_bits(stats), stats, his, lo);
         &self.ex
     }
 
-    fn store(&mut self, key: StatBits, stats: &Stats, hi: usize, lo: usize) {
+    fn store(&mut self, key: StatBits, stats: &Stats, his: [usize; 3], lo: usize) {
         self.valid = true;
         self.key = key;
-        self.ex.fill(stats, hi, lo);
+        self.ex.fill(stats, his, lo);
     }
 }
 
@@ -404,6 +445,14 @@ impl Blend {
         Self::with_params(cfg, BlendParams::default())
     }
 
+    /// The previous shipped model (`blend-full`, see [`BlendParams::full`]).
+    pub fn full(cfg: &ModelConfig) -> Self {
+        Self {
+            name: "blend-full",
+            ..Self::with_params(cfg, BlendParams::full())
+        }
+    }
+
     /// A fresh model with explicit parameters.
     pub fn with_params(cfg: &ModelConfig, params: BlendParams) -> Self {
         let mut core = Core::new(
@@ -412,8 +461,10 @@ impl Blend {
             0,
             cfg.max_order.clamp(1, MAX_ORDER),
         );
-        core.bag = true;
+        core.bag = params.bags;
+        core.his = std::array::from_fn(|s| params.orders[s].clamp(core.lo, core.hi));
         Self {
+            name: "blend",
             core,
             global: Skill::default(),
             params,
@@ -440,52 +491,44 @@ impl Blend {
     }
 
     /// Exponentiated-gradient step of the mixture weights towards the experts that gave the
-    /// observed service more probability than the mixture did; unavailable experts keep theirs.
+    /// observed service more probability than the mixture did; unavailable experts (`mask` 0)
+    /// keep theirs.
+    ///
+    /// Branch-free over whole lanes (the mask multiplies instead of an `if` per expert), so
+    /// the compiler keeps it in SIMD registers; the sums run in expert order.
     fn update_skill(
         skill: &mut Skill,
         p: &BlendParams,
-        probs: &[f32; EXPERTS],
-        avail: &[bool; EXPERTS],
+        probs: &[f32; LANES],
+        mask: &[f32; LANES],
         repeat: Option<bool>,
     ) {
-        // One pass over the available experts (same sums, in the same order, as summing the
-        // filtered sequences).
-        let (mut mix, mut mass, mut n) = (0.0f32, 0.0f32, 0u32);
+        let mut w = [0.0f32; LANES];
+        w[..EXPERTS].copy_from_slice(&skill.w);
+        let (mut mix, mut mass, mut n) = (0.0f32, 0.0f32, 0.0f32);
         for e in 0..EXPERTS {
-            if avail[e] {
-                mix += skill.w[e] * probs[e];
-                mass += skill.w[e];
-                n += 1;
-            }
+            let mw = mask[e] * w[e];
+            mix += mw * probs[e];
+            mass += mw;
+            n += mask[e];
         }
         if mix > 0.0 && mass > 0.0 {
-            let mix = mix / mass;
-            let n = n as f32;
-            // Every expert's factor at once, in lanes of 4 (`exp_approx` is branch-free, so
-            // this loop vectorises); only the available experts' factors are used.
+            // `probs / (mix / mass)`, one division for all lanes.
+            let inv = mass / mix;
             let mut x = [0.0f32; LANES];
-            for e in 0..EXPERTS {
-                x[e] = p.rate * (probs[e] / mix - 1.0);
+            for e in 0..LANES {
+                x[e] = exp_approx(p.rate * (probs[e] * inv - 1.0));
             }
-            for v in &mut x {
-                *v = exp_approx(*v);
-            }
-            let new: [f32; EXPERTS] = std::array::from_fn(|e| skill.w[e] * x[e]);
+            let new: [f32; LANES] = std::array::from_fn(|e| mask[e] * w[e] * x[e]);
             let mut sum = 0.0;
-            for e in 0..EXPERTS {
-                if avail[e] {
-                    sum += new[e];
-                }
+            for v in &new[..EXPERTS] {
+                sum += v;
             }
             if sum > 0.0 && sum.is_finite() {
-                let (keep, spread) = (1.0 - p.share, p.share * mass / n);
+                let (scale, spread) = ((1.0 - p.share) * mass / sum, p.share * mass / n);
                 for e in 0..EXPERTS {
-                    let w = mass * new[e] / sum;
-                    skill.w[e] = if avail[e] {
-                        keep * w + spread
-                    } else {
-                        skill.w[e]
-                    };
+                    let updated = scale * new[e] + spread;
+                    skill.w[e] = if mask[e] > 0.0 { updated } else { w[e] };
                 }
             }
         }
@@ -515,7 +558,7 @@ impl Blend {
                 stats[s][slot] = (pre.total, pre.distinct);
                 counts[s][slot] = pre.count;
             });
-        let (hi, lo) = (self.core.hi, self.low());
+        let (his, lo) = (self.core.his, self.low());
         let mut own_ex;
         let ex = match self.memo.0.get_mut() {
             Ok(s) => &mut s.memo,
@@ -524,22 +567,27 @@ impl Blend {
                 &mut own_ex
             }
         }
-        .experts(&stats, hi, lo);
+        .experts(&stats, his, lo);
         // Each expert's probability of the service, `Σ_slot w[e][slot] · count[slot]` summed
         // in slot order (as `Iterator::sum`, from -0.0), all experts at once (vectorises).
-        let mut probs = [-0.0f32; EXPERTS];
-        // The slot indexes the weights of every expert and the counts of every scope.
-        #[allow(clippy::needless_range_loop)]
-        for slot in 0..SLOTS {
-            for (e, p) in probs.iter_mut().enumerate() {
-                *p += ex.w[e][slot] * counts[e / 3][slot];
-            }
+        let mut probs = [0.0f32; LANES];
+        for (e, p) in probs.iter_mut().enumerate().take(EXPERTS) {
+            let c = &counts[e / 3];
+            *p = (0..SLOTS).map(|slot| ex.w[e][slot] * c[slot]).sum();
         }
         let repeat = (!first).then_some(counts[CLIENT][0] > 0.0);
         let p = self.params;
-        Self::update_skill(&mut self.global, &p, &probs, &ex.avail, repeat);
+        // The model-wide skill is the prior of new clients. Its repeat rate is learned from
+        // every request; its mixture weights only if `learn_prior_weights` (a second
+        // exponentiated-gradient step per event): otherwise a new client starts from equal
+        // weights, and the trust factor leans it on the scopes that have data.
+        if p.learn_prior_weights {
+            Self::update_skill(&mut self.global, &p, &probs, &ex.mask, repeat);
+        } else if let Some(r) = repeat {
+            self.global.rho += p.repeat_alpha * (f32::from(u8::from(r)) - self.global.rho);
+        }
         if let Some(c) = self.core.clients.get_mut(&client) {
-            Self::update_skill(&mut c.ext, &p, &probs, &ex.avail, repeat);
+            Self::update_skill(&mut c.ext, &p, &probs, &ex.mask, repeat);
             c.ext.note_use(service.0, at.0, gap);
         }
     }
@@ -637,7 +685,7 @@ impl Blend {
         let v = self.core.view(c);
         let t = tables(&v);
         let stats = stats_of(&t);
-        let ex = memo.recompute(&stats, self.core.hi, self.low());
+        let ex = memo.recompute(&stats, self.core.his, self.low());
         let skill = if c.events >= self.params.own_after {
             &c.ext
         } else {
@@ -692,7 +740,7 @@ impl Blend {
 
 impl Model for Blend {
     fn name(&self) -> &'static str {
-        "blend"
+        self.name
     }
 
     fn observe_grouped(
@@ -756,7 +804,9 @@ mod tests {
         let bag = [BAG_SLOT, 1, 0];
         for s in [CLIENT, GROUP, GLOBAL] {
             ppm_chain(&stats[s], &long[..=hi], &mut w[3 * s]);
-            ppm_chain(&stats[s], &short[..=lo], &mut w[3 * s + 1]);
+            if lo < hi {
+                ppm_chain(&stats[s], &short[..=lo], &mut w[3 * s + 1]);
+            }
             if stats[s][BAG_SLOT].0 > 0.0 {
                 ppm_chain(&stats[s], &bag, &mut w[3 * s + 2]);
             }
@@ -764,7 +814,8 @@ mod tests {
                 avail[e] = w[e].iter().any(|&x| x > 0.0);
             }
         }
-        Experts { w, avail }
+        let mask = std::array::from_fn(|e| f32::from(u8::from(avail.get(e) == Some(&true))));
+        Experts { w, avail, mask }
     }
 
     #[test]
@@ -785,7 +836,7 @@ mod tests {
                 })
             });
             for (hi, lo) in [(4, 1), (4, 0), (2, 1), (1, 1), (3, 2)] {
-                let (a, b) = (Experts::new(&stats, hi, lo), reference(&stats, hi, lo));
+                let (a, b) = (Experts::new(&stats, [hi; 3], lo), reference(&stats, hi, lo));
                 assert_eq!(a.avail, b.avail, "{stats:?} {hi} {lo}");
                 for e in 0..EXPERTS {
                     for i in 0..SLOTS {

@@ -186,8 +186,10 @@ pub(crate) struct Core<X> {
     pub scopes: [bool; 3],
     pub lo: usize,
     pub hi: usize,
-    /// Whether the unordered last-two context is counted too.
-    pub bag: bool,
+    /// Highest order counted in each scope (at most `hi`, at least `lo`).
+    pub his: [usize; 3],
+    /// Whether the unordered last-two context is counted too, per scope.
+    pub bag: [bool; 3],
     pub clients: Bounded<ClientId, ClientState<X>>,
     pub groups: Bounded<GroupId, GroupState>,
     pub ctx: Slab<CtxKey, Dist>,
@@ -207,7 +209,8 @@ impl<X: Clone> Core<X> {
             scopes,
             lo: lo.min(hi),
             hi,
-            bag: false,
+            his: [hi; 3],
+            bag: [false; 3],
             clients: Bounded::new(cfg.max_clients, cfg.idle_ttl_ms),
             groups: Bounded::new(cfg.max_groups, cfg.idle_ttl_ms),
             ctx: Slab::new(cfg.max_contexts, cfg.idle_ttl_ms),
@@ -294,13 +297,13 @@ impl<X: Clone> Core<X> {
                 }
                 self.ctx.slot_of(&key()?).and_then(|s| self.ctx.at(s))
             };
-            if self.bag {
+            if self.bag[scope] {
                 bag[scope] = find(hints[BAG_SLOT], &|| Self::bag_key(id, &c.hist));
             }
             for (order, slot) in d[scope]
                 .iter_mut()
                 .enumerate()
-                .take(self.hi + 1)
+                .take(self.his[scope] + 1)
                 .skip(self.lo)
             {
                 *slot = find(hints[order], &|| Self::key(id, &c.hist, order));
@@ -339,8 +342,9 @@ impl<X: Clone> Core<X> {
             0.0
         };
         let next_hist = [service, hist[0], hist[1], hist[2]];
-        let (lo, hi, bag) = (self.lo, self.hi, self.bag);
+        let lo = self.lo;
         for (scope, id) in ids.into_iter().enumerate() {
+            let (hi, bag) = (self.his[scope], self.bag[scope]);
             let Some(id) = id else {
                 c.cur.ids[scope] = None;
                 continue;

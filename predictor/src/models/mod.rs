@@ -11,7 +11,8 @@
 //! | `markov1` | the client's own first-order transitions (last service → next) |
 //! | `ppm` | the client's own contexts of order 2, 1, 0 with PPM-C back-off |
 //! | `pooled` | contexts pooled over the client's group and over all clients, PPM-C back-off |
-//! | `blend` | **shipped**: client, group and global context models mixed by learned weights |
+//! | `blend` | **shipped**: client (orders 1, 0), group and global (orders 4..0 and the bag) context models mixed by learned weights |
+//! | `blend-full` | the previous shipped blend: every scope at orders 4..0 and the bag (a comparison) |
 //!
 //! No I/O, no clock, no randomness. Rankings break ties by service id.
 
@@ -158,18 +159,22 @@ pub enum ModelKind {
     Ppm,
     /// See [`Pooled`].
     Pooled,
+    /// The previous shipped blend with all 18 tables ([`BlendParams::full`]), kept as a
+    /// comparison.
+    BlendFull,
     /// See [`Blend`] (shipped).
     Blend,
 }
 
 impl ModelKind {
-    /// All models, baselines first, the shipped one last.
-    pub const ALL: [ModelKind; 6] = [
+    /// All models, baselines first, then the full blend (a comparison), the shipped one last.
+    pub const ALL: [ModelKind; 7] = [
         ModelKind::Frequent,
         ModelKind::Recent,
         ModelKind::Markov1,
         ModelKind::Ppm,
         ModelKind::Pooled,
+        ModelKind::BlendFull,
         ModelKind::Blend,
     ];
 
@@ -184,6 +189,7 @@ impl ModelKind {
             ModelKind::Markov1 => "markov1",
             ModelKind::Ppm => "ppm",
             ModelKind::Pooled => "pooled",
+            ModelKind::BlendFull => "blend-full",
             ModelKind::Blend => "blend",
         }
     }
@@ -211,6 +217,7 @@ impl ModelKind {
             ModelKind::Markov1 => Box::new(Markov1::new(config)),
             ModelKind::Ppm => Box::new(Ppm::new(config)),
             ModelKind::Pooled => Box::new(Pooled::new(config)),
+            ModelKind::BlendFull => Box::new(Blend::full(config)),
             ModelKind::Blend => Box::new(Blend::new(config)),
         }
     }
