@@ -479,7 +479,10 @@ fn connected_member(inner: &Inner) -> Option<NodeId> {
         .map(|(id, _)| *id)
         .collect();
     let alive = read(&inner.alive);
-    connected.into_iter().filter(|id| alive.contains_key(id)).min()
+    connected
+        .into_iter()
+        .filter(|id| alive.contains_key(id))
+        .min()
 }
 
 fn random_member(inner: &Inner) -> Option<NodeId> {

@@ -263,8 +263,6 @@ struct Member {
     summary: Option<(RouteSummary, Instant)>,
     /// When a new summary of it was last applied.
     applied: Option<Instant>,
-    /// Last use for a request (probed while recent).
-    used: Option<Instant>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -323,6 +321,9 @@ pub struct Router {
     links: HashMap<NodeId, LocalLink>,
     services: HashMap<NodeId, Service>,
     routes: HashMap<NodeId, Vec<NodeId>>,
+    /// Members used for a request lately, and when (kept apart from `members` so a probe
+    /// tick does not pass over every member).
+    in_use: HashMap<NodeId, Instant>,
     load: LoadReport,
     tree: Option<Tree>,
     /// Idle relay candidates kept probed, and when they were chosen.
@@ -349,6 +350,7 @@ impl Router {
             links: HashMap::default(),
             services: HashMap::default(),
             routes: HashMap::default(),
+            in_use: HashMap::default(),
             load: LoadReport::default(),
             tree: None,
             neighbours: Vec::new(),
@@ -389,7 +391,6 @@ impl Router {
             e.insert(Member {
                 summary: None,
                 applied: None,
-                used: None,
             });
             self.invalidate();
         }
@@ -401,6 +402,7 @@ impl Router {
             self.links.remove(&peer);
             self.services.remove(&peer);
             self.routes.retain(|d, r| *d != peer && !r.contains(&peer));
+            self.in_use.remove(&peer);
             self.invalidate();
         }
     }
@@ -422,8 +424,8 @@ impl Router {
 
     /// `peer` was used for a request now: keep its link probed.
     pub fn touch(&mut self, peer: NodeId, now: Instant) {
-        if let Some(m) = self.members.get_mut(&peer) {
-            m.used = Some(now);
+        if self.members.contains_key(&peer) {
+            self.in_use.insert(peer, now);
         }
     }
 
@@ -530,14 +532,10 @@ impl Router {
     pub fn tick(&mut self, now: Instant) -> Tick {
         let mut out = Tick::default();
         // In use, on a current path, or a neighbour.
-        let mut want: HashSet<NodeId> = HashSet::new();
-        for (id, m) in &self.members {
-            if m.used
-                .is_some_and(|u| now.saturating_duration_since(u) < self.cfg.in_use)
-            {
-                want.insert(*id);
-            }
-        }
+        let in_use = self.cfg.in_use;
+        self.in_use
+            .retain(|_, u| now.saturating_duration_since(*u) < in_use);
+        let mut want: HashSet<NodeId> = self.in_use.keys().copied().collect();
         for r in self.routes.values() {
             want.extend(r.iter().copied());
         }
