@@ -22,7 +22,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::models::core::{
-    ClientState, Core, CoreState, View, BAG_SLOT, CLIENT, GLOBAL, GROUP, MAX_ORDER, SLOTS,
+    ClientState, Core, CoreState, BAG_SLOT, CLIENT, GLOBAL, GROUP, MAX_ORDER, SLOTS,
 };
 use crate::models::rank::{Cand, Cands};
 use crate::models::{Model, ModelConfig};
@@ -258,6 +258,10 @@ impl Experts {
         *avail = [false; EXPERTS];
         for s in [CLIENT, GROUP, GLOBAL] {
             let st = &stats[s];
+            // A scope without tables (e.g. a group not shared): no expert, nothing to write.
+            if st.iter().all(|&(n, _)| n == 0.0) {
+                continue;
+            }
             let hi = his[s];
             // The short chain only when it differs from the long one.
             let lo = if lo < hi { Some(lo) } else { None };
@@ -382,7 +386,14 @@ impl Memo {
     /// (for `predict`, whose tables have almost always changed since the last `observe`).
     #[inline]
     fn recompute(&mut self, stats: &Stats, his: [usize; 3], lo: usize) -> &Experts {
-        self.store(stat_bits(stats), stats, his, lo);
+        // The key written in place (a `StatBits` built and moved in is a `memcpy` call).
+        for (k, st) in self.key.iter_mut().zip(stats) {
+            for (k, &(n, u)) in k.iter_mut().zip(st) {
+                *k = [n.to_bits(), u.to_bits()];
+            }
+        }
+        self.valid = true;
+        self.ex.fill(stats, his, lo);
         &self.ex
     }
 
@@ -424,13 +435,6 @@ fn descend(
         }
     }
     out[low] = esc / st[low].0;
-}
-
-/// The tables of a view as `[scope][slot]`.
-fn tables<'a>(v: &View<'a>) -> [[Option<&'a Dist>; SLOTS]; 3] {
-    std::array::from_fn(|s| {
-        std::array::from_fn(|i| if i == BAG_SLOT { v.bag[s] } else { v.d[s][i] })
-    })
 }
 
 fn stats_of(t: &[[Option<&Dist>; SLOTS]; 3]) -> Stats {
@@ -553,12 +557,14 @@ impl Blend {
         let gap = (!first).then(|| at.0.saturating_sub(last_at));
         let mut stats = [[(0.0f32, 0.0f32); SLOTS]; 3];
         let mut counts = [[0.0f32; SLOTS]; 3];
-        self.core
+        let (his, lo, p) = (self.core.his, self.low(), self.params);
+        // The client's entry as `learn_with` leaves it (no second lookup for its skill).
+        let client = self
+            .core
             .learn_with(client, service.0, at.0, |s, slot, pre| {
                 stats[s][slot] = (pre.total, pre.distinct);
                 counts[s][slot] = pre.count;
             });
-        let (his, lo) = (self.core.his, self.low());
         let mut own_ex;
         let ex = match self.memo.0.get_mut() {
             Ok(s) => &mut s.memo,
@@ -576,7 +582,6 @@ impl Blend {
             *p = (0..SLOTS).map(|slot| ex.w[e][slot] * c[slot]).sum();
         }
         let repeat = (!first).then_some(counts[CLIENT][0] > 0.0);
-        let p = self.params;
         // The model-wide skill is the prior of new clients. Its repeat rate is learned from
         // every request; its mixture weights only if `learn_prior_weights` (a second
         // exponentiated-gradient step per event): otherwise a new client starts from equal
@@ -586,7 +591,7 @@ impl Blend {
         } else if let Some(r) = repeat {
             self.global.rho += p.repeat_alpha * (f32::from(u8::from(r)) - self.global.rho);
         }
-        if let Some(c) = self.core.clients.get_mut(&client) {
+        if let Some(c) = client {
             Self::update_skill(&mut c.ext, &p, &probs, &ex.mask, repeat);
             c.ext.note_use(service.0, at.0, gap);
         }
@@ -682,8 +687,7 @@ impl Blend {
         memo: &mut Memo,
         cands: &mut Cands,
     ) -> Option<&'a Dist> {
-        let v = self.core.view(c);
-        let t = tables(&v);
+        let t = self.core.view(c).d;
         let stats = stats_of(&t);
         let ex = memo.recompute(&stats, self.core.his, self.low());
         let skill = if c.events >= self.params.own_after {
@@ -705,7 +709,7 @@ impl Blend {
             }
         }
         if self.params.gate > 0.0 {
-            if let Some(own) = v.d[CLIENT][0] {
+            if let Some(own) = t[CLIENT][0] {
                 cands.mark_seen(own);
                 let items = cands.as_mut_slice();
                 let (mut seen, mut new) = (0.0f32, 0.0f32);
@@ -734,7 +738,7 @@ impl Blend {
                 }
             }
         }
-        v.d[CLIENT][0]
+        t[CLIENT][0]
     }
 }
 

@@ -79,6 +79,9 @@ const ABSENT: Hint = (NO_SLOT - 1) as u64;
 pub(crate) struct Handles {
     ids: [Option<u64>; 3],
     h: [[Hint; SLOTS]; 3],
+    /// The engine's [`Core::group_epoch`] when `ids` were last computed (0: never): while it
+    /// is current, `ids[GROUP]` is the client's group scope id, without a group lookup.
+    epoch: u64,
 }
 
 impl Default for Handles {
@@ -86,6 +89,7 @@ impl Default for Handles {
         Self {
             ids: [None; 3],
             h: [[NO_HINT; SLOTS]; 3],
+            epoch: 0,
         }
     }
 }
@@ -163,11 +167,10 @@ impl Stamped for GroupState {
     }
 }
 
-/// The count tables of a client's current context: `d[scope][order]`.
+/// The count tables of a client's current context: `d[scope][slot]`, slot = order, or
+/// [`BAG_SLOT`] for the bag context (if the engine counts bags).
 pub(crate) struct View<'a> {
-    pub d: [[Option<&'a Dist>; MAX_ORDER + 1]; 3],
-    /// The bag context of each scope, if the engine counts bags.
-    pub bag: [Option<&'a Dist>; 3],
+    pub d: [[Option<&'a Dist>; SLOTS]; 3],
 }
 
 /// Serialized form of a [`Core`], entries sorted by key.
@@ -195,6 +198,10 @@ pub(crate) struct Core<X> {
     pub ctx: Slab<CtxKey, Dist>,
     next_serial: u64,
     ttl_ms: u64,
+    /// Moves on whenever a client's group scope id may change (a group created, evicted,
+    /// removed or becoming shared, a client changing group, a restore); see `Handles::epoch`.
+    /// Never serialized (nor are the handles).
+    group_epoch: u64,
 }
 
 impl<X: Clone> Core<X> {
@@ -202,10 +209,7 @@ impl<X: Clone> Core<X> {
     pub fn new(cfg: &ModelConfig, scopes: [bool; 3], lo: usize, hi: usize) -> Self {
         let hi = hi.min(MAX_ORDER);
         Self {
-            decay: Decay {
-                half_life_ms: cfg.half_life_ms.max(1) as f64,
-                max_entries: cfg.max_entries.max(1),
-            },
+            decay: Decay::new(cfg.half_life_ms.max(1) as f64, cfg.max_entries.max(1)),
             scopes,
             lo: lo.min(hi),
             hi,
@@ -216,6 +220,7 @@ impl<X: Clone> Core<X> {
             ctx: Slab::new(cfg.max_contexts, cfg.idle_ttl_ms),
             next_serial: 1,
             ttl_ms: cfg.idle_ttl_ms,
+            group_epoch: 1,
         }
     }
 
@@ -245,6 +250,9 @@ impl<X: Clone> Core<X> {
             cur: Handles::default(),
         });
         if group.is_some() {
+            if c.group != group {
+                self.group_epoch += 1;
+            }
             c.group = group;
         }
         let (group, member) = (c.group, c.serial);
@@ -252,21 +260,26 @@ impl<X: Clone> Core<X> {
         if let Some(g) = group {
             if self.scopes[GROUP] {
                 let serial = self.serial();
-                let (gs, _) = self.groups.upsert(g, at, || GroupState {
+                // Creating a group may evict others.
+                let (gs, created) = self.groups.upsert(g, at, || GroupState {
                     serial,
                     last_at: at,
                     first: member,
                     shared: false,
                 });
                 gs.last_at = gs.last_at.max(at);
-                gs.shared |= gs.first != member;
+                let shared = gs.shared | (gs.first != member);
+                if created | (shared != gs.shared) {
+                    self.group_epoch += 1;
+                }
+                gs.shared = shared;
             }
         }
         seen
     }
 
     fn scope_ids(&self, c: &ClientState<X>) -> [Option<u64>; 3] {
-        scope_ids(&self.scopes, &self.groups, c)
+        scope_ids(&self.scopes, &self.groups, self.group_epoch, c)
     }
 
     #[inline]
@@ -281,8 +294,7 @@ impl<X: Clone> Core<X> {
 
     /// The count tables of `c`'s current context.
     pub fn view(&self, c: &ClientState<X>) -> View<'_> {
-        let mut d = [[None; MAX_ORDER + 1]; 3];
-        let mut bag = [None; 3];
+        let mut d = [[None; SLOTS]; 3];
         for (scope, id) in self.scope_ids(c).into_iter().enumerate() {
             let Some(id) = id else { continue };
             let hints = c.cur.of(scope, id);
@@ -298,7 +310,7 @@ impl<X: Clone> Core<X> {
                 self.ctx.slot_of(&key()?).and_then(|s| self.ctx.at(s))
             };
             if self.bag[scope] {
-                bag[scope] = find(hints[BAG_SLOT], &|| Self::bag_key(id, &c.hist));
+                d[scope][BAG_SLOT] = find(hints[BAG_SLOT], &|| Self::bag_key(id, &c.hist));
             }
             for (order, slot) in d[scope]
                 .iter_mut()
@@ -309,13 +321,13 @@ impl<X: Clone> Core<X> {
                 *slot = find(hints[order], &|| Self::key(id, &c.hist, order));
             }
         }
-        View { d, bag }
+        View { d }
     }
 
     /// Counts `service` in every context of `client` (which must have been touched), then
     /// shifts its history.
     pub fn learn(&mut self, client: ClientId, service: u32, at: u64) {
-        self.learn_with(client, service, at, |_, _, _| {});
+        let _ = self.learn_with(client, service, at, |_, _, _| {});
     }
 
     /// Like [`Core::learn`], first telling `pre(scope, slot, stats)` each table's statistics
@@ -327,14 +339,13 @@ impl<X: Clone> Core<X> {
         service: u32,
         at: u64,
         mut pre: impl FnMut(usize, usize, Pre),
-    ) {
+    ) -> Option<&mut ClientState<X>> {
         // One client lookup: the client's entry and the context slab are disjoint fields, so
         // the client's history and handles are read and rewritten in place (no copies of the
         // handle arrays).
-        let Some(c) = self.clients.get_mut(&client) else {
-            return;
-        };
-        let ids = scope_ids(&self.scopes, &self.groups, c);
+        let c = self.clients.get_mut(&client)?;
+        let ids = scope_ids(&self.scopes, &self.groups, self.group_epoch, c);
+        c.cur.epoch = self.group_epoch;
         let hist = c.hist;
         let delay = if c.events > 0 {
             at.saturating_sub(c.last_at) as f32
@@ -389,6 +400,7 @@ impl<X: Clone> Core<X> {
         c.hist = next_hist;
         c.last_at = c.last_at.max(at);
         c.events = c.events.saturating_add(1);
+        Some(c)
     }
 
     pub fn forget_client(&mut self, client: ClientId) {
@@ -399,6 +411,7 @@ impl<X: Clone> Core<X> {
         if groups.is_empty() {
             return;
         }
+        self.group_epoch += 1;
         let mut sorted = groups.to_vec();
         sorted.sort_unstable();
         for g in &sorted {
@@ -466,6 +479,7 @@ impl<X: Clone> Core<X> {
         self.next_serial = s.next_serial.max(1) & SERIAL_MASK;
         self.clients = Bounded::from_entries(self.clients.cap(), ttl, s.clients);
         self.groups = Bounded::from_entries(self.groups.cap(), ttl, s.groups);
+        self.group_epoch += 1;
         let max_entries = self.decay.max_entries;
         let mut ctx = s.ctx;
         for (_, d) in &mut ctx {
@@ -484,15 +498,18 @@ impl<X: Clone> Core<X> {
 fn scope_ids<X>(
     scopes: &[bool; 3],
     groups: &Bounded<GroupId, GroupState>,
+    epoch: u64,
     c: &ClientState<X>,
 ) -> [Option<u64>; 3] {
-    let group = if scopes[GROUP] {
+    let group = if !scopes[GROUP] {
+        None
+    } else if c.cur.epoch == epoch {
+        c.cur.ids[GROUP]
+    } else {
         c.group
             .and_then(|g| groups.get(&g))
             .filter(|g| g.shared)
             .map(|g| TAG_GROUP | g.serial)
-    } else {
-        None
     };
     [
         scopes[CLIENT].then_some(TAG_CLIENT | c.serial),
@@ -593,5 +610,53 @@ fn follow(ctx: &mut Slab<CtxKey, Dist>, ps: u32, pos: usize, key: &CtxKey, miss:
         ctx.hint(found)
     } else {
         miss
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The group scope id a client's handles remember (trusted while the engine's group
+    /// epoch has not moved) is always the one a fresh group lookup gives: through groups
+    /// created, evicted (a cap of 3), becoming shared, removed, and clients changing group.
+    #[test]
+    fn cached_group_scope_ids_match_a_fresh_lookup() {
+        let cfg = ModelConfig {
+            max_clients: 8,
+            max_groups: 3,
+            idle_ttl_ms: 50_000,
+            ..ModelConfig::default()
+        };
+        let mut core: Core<()> = Core::new(&cfg, [true; 3], 0, 2);
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        let mut cached = 0;
+        for step in 0..20_000u64 {
+            let client = ClientId(next(12) as u32);
+            let group = match next(8) {
+                0 => None,
+                g => Some(GroupId(g as u32 % 5)),
+            };
+            let at = step * 37;
+            core.touch(client, group, at, || ());
+            let _ = core.learn_with(client, next(6) as u32, at, |_, _, _| {});
+            if next(500) == 0 {
+                core.forget_groups(&[GroupId(next(5) as u32)]);
+            }
+            for (_, c) in core.clients.sorted() {
+                let fresh = scope_ids(&core.scopes, &core.groups, u64::MAX, c);
+                let seen = scope_ids(&core.scopes, &core.groups, core.group_epoch, c);
+                assert_eq!(seen, fresh, "step {step}");
+                cached += usize::from(c.cur.epoch == core.group_epoch);
+            }
+        }
+        // The cache is used, not only checked.
+        assert!(cached > 10_000, "{cached}");
     }
 }
