@@ -446,9 +446,7 @@ fn mine(inner: &Inner) -> Option<SignedCatalog> {
 /// Joined (first member up): pull everything from it, offering ours; on failure try again,
 /// with another member if that one went away.
 async fn join_sync(inner: Arc<Inner>, first: NodeId) {
-    // A member we already hold a connection to (the bootstrap peer we joined through) costs no
-    // handshake; else the first member seen.
-    let mut node = connected_member(&inner).unwrap_or(first);
+    let mut node = first;
     let mut delay = Duration::from_millis(200);
     for attempt in 0..5 {
         match sync_with(&inner, node, Vec::new(), mine(&inner)).await {
@@ -469,20 +467,6 @@ async fn join_sync(inner: Arc<Inner>, first: NodeId) {
             }
         }
     }
-}
-
-/// The member with the smallest node id among those we hold a live connection to.
-fn connected_member(inner: &Inner) -> Option<NodeId> {
-    let connected: Vec<NodeId> = lock(&inner.conns)
-        .iter()
-        .filter(|(_, (c, _))| c.close_reason().is_none())
-        .map(|(id, _)| *id)
-        .collect();
-    let alive = read(&inner.alive);
-    connected
-        .into_iter()
-        .filter(|id| alive.contains_key(id))
-        .min()
 }
 
 fn random_member(inner: &Inner) -> Option<NodeId> {

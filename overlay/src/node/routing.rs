@@ -275,9 +275,13 @@ fn publish_summary(inner: &Arc<Inner>, now: Instant) {
             .collect()
     };
     for peer in to {
-        send_datagram(inner, peer, datagram.clone());
-        stats::inc(&inner.stats.route_gossip_sent);
+        send_summary(inner, peer, datagram.clone());
     }
+}
+
+fn send_summary(inner: &Arc<Inner>, peer: NodeId, datagram: Bytes) {
+    send_datagram(inner, peer, datagram);
+    stats::inc(&inner.stats.route_gossip_sent);
 }
 
 /// `peer` probed us: it gets our summary if it does not hold the current one (or not lately).
@@ -312,8 +316,7 @@ fn on_probed(inner: &Arc<Inner>, peer: NodeId, now: Instant) {
         }
     };
     if let Some(d) = push {
-        send_datagram(inner, peer, d);
-        stats::inc(&inner.stats.route_gossip_sent);
+        send_summary(inner, peer, d);
     }
 }
 

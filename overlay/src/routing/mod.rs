@@ -731,12 +731,14 @@ impl Router {
     }
 
     fn fresh_summary(&self, id: &NodeId, now: Instant) -> Option<&RouteSummary> {
-        self.members
-            .get(id)?
-            .summary
-            .as_ref()
-            .filter(|(_, at)| now.saturating_duration_since(*at) < self.cfg.summary_ttl)
-            .map(|(s, _)| s)
+        self.fresh_summary_until(id, now).map(|(s, _)| s)
+    }
+
+    /// A fresh summary of `id` and when it stops being fresh.
+    fn fresh_summary_until(&self, id: &NodeId, now: Instant) -> Option<(&RouteSummary, Instant)> {
+        let (s, at) = self.members.get(id)?.summary.as_ref()?;
+        let until = *at + self.cfg.summary_ttl;
+        (now < until).then_some((s, until))
     }
 
     /// Estimated direct RTT to `id` (ms) and whether it is only estimated.
@@ -794,13 +796,10 @@ impl Router {
         let mut reported: Vec<(u32, u32, f64)> = Vec::with_capacity(self.members.len() * 16);
         let mut expires: Option<Instant> = None;
         for (i, id) in members.iter().enumerate() {
-            let Some(s) = self.fresh_summary(id, now) else {
+            let Some((s, until)) = self.fresh_summary_until(id, now) else {
                 continue;
             };
-            if let Some((_, at)) = self.members.get(id).and_then(|m| m.summary.as_ref()) {
-                let e = *at + self.cfg.summary_ttl;
-                expires = Some(expires.map_or(e, |x| x.min(e)));
-            }
+            expires = Some(expires.map_or(until, |x| x.min(until)));
             let u = i + 1;
             for l in &s.links {
                 let Some(v) = index.get(&l.peer).map(|v| v.index()) else {
