@@ -6,36 +6,46 @@
 //! no I/O: the driver passes `now` (tokio's clock, virtual under netsim) and the wall-clock time
 //! in milliseconds (for certificate expiry and hello freshness), and owns the socket.
 //!
-//! What it does, per pair of peers:
+//! Authentication is by static Diffie–Hellman between the two nodes' certificate keys (the
+//! Ed25519 node key, used as an X25519 key): no packet is signed, and a pair of peers costs one
+//! scalar multiplication on each side, cached for as long as the peer's certificate is.
 //!
-//! - **First contact** is a `HELLO`: the sender's overlay certificate, a fresh X25519 public key
-//!   and the payload, signed with the sender's node key (Ed25519) and bound to the target's node
-//!   id and the time. The receiver verifies the certificate chain against the overlay CA once per
-//!   certificate (cached), checks the node id against the key, expiry and the deny-set on every
-//!   packet, the signature, the time window and a replay cache, then delivers the payload.
-//! - A peer answering a `HELLO` sends its own `HELLO` echoing the first one's X25519 key; both then
-//!   hold a session (HKDF-SHA256 over X25519) with one ChaCha20-Poly1305 key per direction.
-//! - Afterwards every packet is a `DATA`: session id, a per-direction counter (the nonce), and
-//!   the sealed payload; the receiver keeps a 64-packet sliding replay window.
+//! - **First contact**, when we do not hold the peer's certificate: an `INIT` carrying our
+//!   certificate and a fresh nonce, and nothing else (it is not authenticated). The peer checks
+//!   the certificate (CA chain once per certificate, expiry and deny-set every time), derives
+//!   the pair key and answers with a `HELLO`.
+//! - A `HELLO` carries the sender's certificate, its nonce, the nonce it answers (`echo`) and
+//!   maybe a payload, and is authenticated with HMAC-SHA256 under a key only the two peers can
+//!   derive. A peer whose certificate we hold gets its payload in our first `HELLO`; a first
+//!   contact's payloads wait one round trip (`INIT`, `HELLO`, then `DATA`).
+//! - Once both nonces are known each side holds a session (HKDF-SHA256 over the pair secret and
+//!   both nonces) with one ChaCha20-Poly1305 key per direction, and every packet is a `DATA`:
+//!   session id, a per-direction counter (the nonce), the sealed payload; the receiver keeps a
+//!   64-packet sliding replay window.
 //!
-//! Sessions live until either side restarts (a restarted peer sends `HELLO`s again, which
-//! replaces the session), [`Channel::forget`] is called, or `session_lifetime` passes; at most
-//! `max_peers` peers are kept (least recently used first out).
+//! An `INIT` never replaces a session: it sets up a *candidate* beside it, which takes over only
+//! when the peer proves it holds it (a `DATA` on it, or a `HELLO` echoing it) — anyone who has
+//! seen a certificate can send an `INIT` carrying it.
+//!
+//! Sessions live until either side restarts, [`Channel::forget`] is called, or
+//! `session_lifetime` passes; at most `max_peers` peers are kept (least recently used first
+//! out).
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use curve25519_dalek::edwards::{CompressedEdwardsY, EdwardsPoint};
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
-use ring::agreement::{self, EphemeralPrivateKey, UnparsedPublicKey, X25519};
 use ring::hkdf;
-use ring::rand::SystemRandom;
-use ring::signature::{self, Ed25519KeyPair};
+use ring::hmac;
+use ring::rand::{SecureRandom, SystemRandom};
 use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::danger::ClientCertVerifier;
-use sha2::{Digest, Sha256};
+use sha2::{Digest, Sha256, Sha512};
 use tokio::time::Instant;
+use zeroize::Zeroizing;
 
 use crate::identity::{parse_node_cert_key, CertInfo, NodeId};
 use crate::tls::DenySet;
@@ -44,55 +54,60 @@ use crate::tls::DenySet;
 /// has the fixed bit (0x40) set once greasing is off (RFC 9000 §17, RFC 9287), so the byte
 /// tells the two apart before quinn sees the datagram.
 pub const MARKER: u8 = 0x2a;
-/// Channel protocol version (second byte).
-pub const VERSION: u8 = 1;
-/// Packet type: signed first contact.
+/// Channel protocol version (PROTOCOL.md §8; version 1 signed every hello).
+pub const VERSION: u8 = 2;
+/// Packet type: authenticated hello.
 pub const TYPE_HELLO: u8 = 1;
-/// Packet type: sealed with a session key.
+/// Packet type: sealed data.
 pub const TYPE_DATA: u8 = 2;
-/// Largest packet sent or accepted (fits a 1500-byte MTU over IPv6 + UDP).
+/// Packet type: first contact (certificate and nonce, not authenticated).
+pub const TYPE_INIT: u8 = 3;
+/// Largest channel packet (fits a 1500-byte path with IPv6 and UDP headers).
 pub const MAX_PACKET: usize = 1452;
-/// Largest certificate a `HELLO` may carry.
+/// Largest certificate carried in a hello.
 pub const MAX_CERT: usize = 1024;
-/// Signature context of a `HELLO`.
-pub const HELLO_CONTEXT: &[u8] = b"meshd-membership-hello-v1\0";
-/// HKDF salt of session keys.
-const KDF_SALT: &[u8] = b"meshd-membership-v1";
-/// HKDF info label of session keys.
-const KDF_LABEL: &[u8] = b"meshd-membership-session-v1";
-/// marker, version, type.
+/// Prefix of the bytes a `HELLO`'s MAC covers.
+pub const HELLO_CONTEXT: &[u8] = b"meshd-membership-hello-v2\0";
+const KDF_SALT: &[u8] = b"meshd-membership-v2";
+const HELLO_KEY_LABEL: &[u8] = b"meshd-membership-hello-key-v2";
+const KDF_LABEL: &[u8] = b"meshd-membership-session-v2";
+/// Marker, version, type.
 const PREFIX: usize = 3;
-/// target id, timestamp, sequence number, ephemeral key, echo, cert length, payload length,
-/// signature.
-const HELLO_FIXED: usize = PREFIX + 20 + 8 + 4 + 32 + 32 + 2 + 2 + 64;
-/// marker, version, type, session id, counter.
+const MAC: usize = 32;
+/// A `HELLO` without certificate and payload.
+const HELLO_FIXED: usize = PREFIX + 20 + 8 + 4 + 32 + 32 + 2 + 2 + MAC;
+/// An `INIT` without certificate.
+const INIT_FIXED: usize = PREFIX + 20 + 32 + 2;
+/// Marker, version, type, session id, counter.
 const DATA_HEADER: usize = PREFIX + 8 + 8;
 const TAG: usize = 16;
-/// Largest payload of a `DATA` packet.
+/// Largest payload [`Channel::send`] takes (what fits a `DATA`).
 pub const MAX_PAYLOAD: usize = MAX_PACKET - DATA_HEADER - TAG;
-/// Tolerated clock difference for a hello sent just before this node started.
+/// Hellos stamped up to this long before the receiver started are still taken (clock skew).
 const START_SKEW_MS: u64 = 1000;
+/// An `INIT` is repeated (on a send) at most this often while unanswered.
+const INIT_RETRY: Duration = Duration::from_millis(250);
 
-/// Whether a datagram belongs to the membership channel (and not to QUIC).
+/// Whether a UDP datagram belongs to the membership channel (not to QUIC).
 pub fn is_channel_packet(datagram: &[u8]) -> bool {
     datagram.first() == Some(&MARKER)
 }
 
-/// Settings of the channel.
+/// Limits and lifetimes of a [`Channel`].
 #[derive(Clone, Debug)]
 pub struct ChannelConfig {
     /// A `HELLO` is accepted only if its timestamp is within this of the local wall clock.
     /// Default 30 s. Replays inside the window are caught by the replay cache.
     pub hello_window: Duration,
-    /// How long an unanswered ephemeral key (ours or the peer's) is kept. Default 60 s.
-    pub ephemeral_lifetime: Duration,
+    /// How long an unanswered nonce (ours or the peer's) is kept. Default 60 s.
+    pub nonce_lifetime: Duration,
     /// A session is dropped (and set up again on the next send) after this. Default 1 h.
     pub session_lifetime: Duration,
-    /// Most peers with state (sessions, keys, queued payloads); ~400 B each. Default 8192.
+    /// Most peers with state (sessions, nonces, queued payloads); ~500 B each. Default 8192.
     pub max_peers: usize,
-    /// Payloads held per peer while its session is set up (too large for a `HELLO`). Default 8.
+    /// Payloads held per peer while its session is set up. Default 8.
     pub max_queued: usize,
-    /// Most `HELLO` signatures remembered for replay detection (16 B + 8 B each). Default 65 536.
+    /// Most `HELLO` MACs remembered for replay detection (16 B + 8 B each). Default 65 536.
     pub max_seen_hellos: usize,
 }
 
@@ -100,7 +115,7 @@ impl Default for ChannelConfig {
     fn default() -> Self {
         Self {
             hello_window: Duration::from_secs(30),
-            ephemeral_lifetime: Duration::from_secs(60),
+            nonce_lifetime: Duration::from_secs(60),
             session_lifetime: Duration::from_secs(3600),
             max_peers: 8192,
             max_queued: 8,
@@ -132,7 +147,8 @@ pub enum ChannelError {
     /// A hello already seen, or a `DATA` counter already seen or left of the window.
     #[error("replayed packet")]
     Replayed,
-    /// The certificate does not parse, or its node id does not match its key.
+    /// The certificate does not parse, its node id does not match its key, or its key is not
+    /// usable for key agreement.
     #[error("bad certificate: {0}")]
     BadCertificate(String),
     /// The certificate does not verify to the overlay CA.
@@ -144,9 +160,9 @@ pub enum ChannelError {
     /// The sender is on the deny-set.
     #[error("node {0} is revoked")]
     Revoked(NodeId),
-    /// The signature does not verify.
-    #[error("bad hello signature")]
-    BadSignature,
+    /// The hello's MAC does not verify (forged, tampered, or not from the certificate's key).
+    #[error("bad hello MAC")]
+    BadMac,
     /// The hello carries this node's own certificate.
     #[error("packet from ourselves")]
     FromSelf,
@@ -156,7 +172,7 @@ pub enum ChannelError {
     /// The sealed payload does not open (tampered, or not for this key).
     #[error("packet does not decrypt")]
     Decrypt,
-    /// A local failure (key generation, randomness, key agreement).
+    /// A local failure (randomness, key derivation).
     #[error("local failure: {0}")]
     Local(&'static str),
 }
@@ -168,15 +184,15 @@ pub enum SendError {
     /// Over [`MAX_PAYLOAD`].
     #[error("payload of {0} B over the limit")]
     TooLarge(usize),
-    /// A local failure (key generation, randomness, key agreement).
+    /// A local failure (randomness, key derivation).
     #[error("local failure: {0}")]
     Local(&'static str),
 }
 
-/// A payload that arrived authenticated.
+/// An authenticated payload.
 #[derive(Debug)]
 pub struct Received {
-    /// The sender's certificate (checked: CA chain, node id, expiry, deny-set).
+    /// Who sent it (checked certificate).
     pub peer: Arc<CertInfo>,
     /// The payload.
     pub payload: Vec<u8>,
@@ -185,6 +201,10 @@ pub struct Received {
 /// Counters of one channel.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ChannelStats {
+    /// `INIT`s sent (first contacts).
+    pub inits_sent: u64,
+    /// `INIT`s taken (certificate good).
+    pub inits_received: u64,
     /// `HELLO`s sent.
     pub hellos_sent: u64,
     /// `HELLO`s accepted.
@@ -193,19 +213,29 @@ pub struct ChannelStats {
     pub data_sent: u64,
     /// `DATA` packets accepted.
     pub data_received: u64,
-    /// Sessions set up.
+    /// Sessions set up (candidates included).
     pub sessions: u64,
     /// Certificate chains verified (cache misses).
     pub chains_verified: u64,
+    /// Pair keys derived (one X25519 scalar multiplication each).
+    pub pair_keys: u64,
     /// Packets dropped (any [`ChannelError`]).
     pub dropped: u64,
     /// Payloads dropped from a full set-up queue.
     pub queue_dropped: u64,
 }
 
+/// What a verified certificate gives: who, and the keys shared with them.
+struct Known {
+    info: Arc<CertInfo>,
+    /// MAC key of `HELLO`s between the two nodes (both directions).
+    hello_key: hmac::Key,
+    /// HKDF pseudo-random key the session keys are expanded from.
+    prk: hkdf::Prk,
+}
+
 struct Pending {
-    key: EphemeralPrivateKey,
-    public: [u8; 32],
+    nonce: [u8; 32],
     born: Instant,
 }
 
@@ -213,8 +243,8 @@ struct Session {
     sid: u64,
     send_key: LessSafeKey,
     recv_key: LessSafeKey,
-    my_eph: [u8; 32],
-    their_eph: [u8; 32],
+    my_nonce: [u8; 32],
+    their_nonce: [u8; 32],
     /// The peer holds the session too (it sent `DATA` on it, or derived it from our echo).
     confirmed: bool,
     next_counter: u64,
@@ -224,13 +254,24 @@ struct Session {
 
 #[derive(Default)]
 struct Peer {
-    cert: Option<(Arc<CertInfo>, [u8; 32])>,
+    known: Option<Arc<Known>>,
     pending: Option<Pending>,
     theirs: Option<([u8; 32], Instant)>,
     session: Option<Session>,
+    /// Set up in answer to an `INIT` while `session` exists; replaces it once the peer uses it.
+    candidate: Option<Session>,
     queue: VecDeque<Vec<u8>>,
     addr: Option<SocketAddr>,
     last_used: Option<Instant>,
+    /// When we last sent this peer an `INIT`.
+    init_sent: Option<Instant>,
+}
+
+impl Peer {
+    fn matches(s: &Option<Session>, mine: &[u8; 32], theirs: &[u8; 32]) -> bool {
+        s.as_ref()
+            .is_some_and(|s| s.my_nonce == *mine && s.their_nonce == *theirs)
+    }
 }
 
 /// Sliding window of the last 64 counters (RFC 4303 §3.4.3 style).
@@ -266,10 +307,18 @@ impl ReplayWindow {
 pub struct LocalIdentity {
     /// This node's id.
     pub node_id: NodeId,
-    /// This node's leaf certificate (DER), sent in every `HELLO`.
+    /// This node's leaf certificate (DER), sent in every `INIT` and `HELLO`.
     pub cert: Vec<u8>,
-    /// The node key (the key of `cert`).
-    pub key: Ed25519KeyPair,
+    /// The node key as an X25519 scalar: the first half of SHA-512 of the Ed25519 seed (the
+    /// scalar Ed25519 itself signs with), clamped when used.
+    pub scalar: Zeroizing<[u8; 32]>,
+}
+
+/// Where a session sits in its peer's state.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    Current,
+    Candidate,
 }
 
 /// The membership channel of one node (see the module doc).
@@ -280,7 +329,7 @@ pub struct Channel {
     config: ChannelConfig,
     started_unix_ms: u64,
     rng: SystemRandom,
-    certs: HashMap<[u8; 32], (Arc<CertInfo>, [u8; 32])>,
+    certs: HashMap<[u8; 32], Arc<Known>>,
     peers: HashMap<NodeId, Peer>,
     sessions: HashMap<u64, NodeId>,
     /// Peers with a confirmed session, for O(1) random choice ([`Channel::session_peer`]).
@@ -307,12 +356,18 @@ impl std::fmt::Debug for Channel {
 struct Hello<'a> {
     target: [u8; 20],
     ts: u64,
-    eph: [u8; 32],
+    nonce: [u8; 32],
     echo: Option<[u8; 32]>,
     cert: &'a [u8],
     payload: &'a [u8],
-    signed: &'a [u8],
-    sig: &'a [u8],
+    authenticated: &'a [u8],
+    mac: &'a [u8],
+}
+
+struct Init<'a> {
+    target: [u8; 20],
+    nonce: [u8; 32],
+    cert: &'a [u8],
 }
 
 fn take<'a>(buf: &mut &'a [u8], n: usize) -> Result<&'a [u8], ChannelError> {
@@ -330,36 +385,64 @@ fn arr<const N: usize>(s: &[u8]) -> [u8; N] {
     a
 }
 
+fn cert_field<'a>(b: &mut &'a [u8]) -> Result<&'a [u8], ChannelError> {
+    let cert_len = usize::from(u16::from_be_bytes(arr(take(b, 2)?)));
+    if cert_len == 0 || cert_len > MAX_CERT {
+        return Err(ChannelError::Malformed("certificate length"));
+    }
+    take(b, cert_len)
+}
+
 fn parse_hello(packet: &[u8]) -> Result<Hello<'_>, ChannelError> {
     if packet.len() < HELLO_FIXED {
         return Err(ChannelError::Malformed("short hello"));
     }
-    let sig_at = packet.len() - 64;
-    let mut b = &packet[PREFIX..sig_at];
+    let mac_at = packet.len() - MAC;
+    let mut b = &packet[PREFIX..mac_at];
     let target = arr(take(&mut b, 20)?);
     let ts = u64::from_be_bytes(arr(take(&mut b, 8)?));
     let _seq = take(&mut b, 4)?;
-    let eph = arr(take(&mut b, 32)?);
+    let nonce: [u8; 32] = arr(take(&mut b, 32)?);
     let echo: [u8; 32] = arr(take(&mut b, 32)?);
-    let cert_len = usize::from(u16::from_be_bytes(arr(take(&mut b, 2)?)));
-    if cert_len == 0 || cert_len > MAX_CERT {
-        return Err(ChannelError::Malformed("certificate length"));
-    }
-    let cert = take(&mut b, cert_len)?;
+    let cert = cert_field(&mut b)?;
     let payload_len = usize::from(u16::from_be_bytes(arr(take(&mut b, 2)?)));
     let payload = take(&mut b, payload_len)?;
     if !b.is_empty() {
         return Err(ChannelError::Malformed("trailing bytes"));
     }
+    if nonce == [0u8; 32] {
+        return Err(ChannelError::Malformed("zero nonce"));
+    }
     Ok(Hello {
         target,
         ts,
-        eph,
+        nonce,
         echo: (echo != [0u8; 32]).then_some(echo),
         cert,
         payload,
-        signed: &packet[..sig_at],
-        sig: &packet[sig_at..],
+        authenticated: &packet[..mac_at],
+        mac: &packet[mac_at..],
+    })
+}
+
+fn parse_init(packet: &[u8]) -> Result<Init<'_>, ChannelError> {
+    if packet.len() < INIT_FIXED {
+        return Err(ChannelError::Malformed("short init"));
+    }
+    let mut b = &packet[PREFIX..];
+    let target = arr(take(&mut b, 20)?);
+    let nonce: [u8; 32] = arr(take(&mut b, 32)?);
+    let cert = cert_field(&mut b)?;
+    if !b.is_empty() {
+        return Err(ChannelError::Malformed("trailing bytes"));
+    }
+    if nonce == [0u8; 32] {
+        return Err(ChannelError::Malformed("zero nonce"));
+    }
+    Ok(Init {
+        target,
+        nonce,
+        cert,
     })
 }
 
@@ -374,6 +457,34 @@ fn nonce(counter: u64) -> Nonce {
     let mut n = [0u8; 12];
     n[4..].copy_from_slice(&counter.to_be_bytes());
     Nonce::assume_unique_for_key(n)
+}
+
+/// The X25519 secret of `scalar` (clamped) and the Ed25519 public key `theirs`: the same value
+/// as X25519 with `theirs` mapped to its Montgomery u-coordinate (RFC 7748 §4.1).
+fn pair_secret(
+    scalar: &[u8; 32],
+    theirs: &[u8; 32],
+) -> Result<Zeroizing<[u8; 32]>, ChannelError> {
+    let point = CompressedEdwardsY(*theirs)
+        .decompress()
+        .ok_or_else(|| ChannelError::BadCertificate("key is not a curve point".into()))?;
+    if point.is_small_order() {
+        return Err(ChannelError::BadCertificate("key of small order".into()));
+    }
+    let shared = Zeroizing::new(point.mul_clamped(*scalar).to_montgomery().to_bytes());
+    if *shared == [0u8; 32] {
+        return Err(ChannelError::BadCertificate("degenerate key agreement".into()));
+    }
+    Ok(shared)
+}
+
+/// `lo`, `hi`: the two node ids in byte order.
+fn ordered(a: NodeId, b: NodeId) -> (NodeId, NodeId) {
+    if a < b {
+        (a, b)
+    } else {
+        (b, a)
+    }
 }
 
 impl Channel {
@@ -445,21 +556,24 @@ impl Channel {
         }
     }
 
-    fn drop_session(&mut self, node: NodeId) {
-        let sid = self
-            .peers
-            .get_mut(&node)
-            .and_then(|p| p.session.take())
-            .map(|s| s.sid);
-        if let Some(sid) = sid {
-            self.sessions.remove(&sid);
-        }
+    fn remove_neighbour(&mut self, node: NodeId) {
         if let Some(i) = self.neighbour_at.remove(&node) {
             self.neighbours.swap_remove(i);
             if let Some(moved) = self.neighbours.get(i) {
                 self.neighbour_at.insert(*moved, i);
             }
         }
+    }
+
+    /// Drops the session and the candidate with `node`.
+    fn drop_session(&mut self, node: NodeId) {
+        let Some(p) = self.peers.get_mut(&node) else {
+            return;
+        };
+        for s in [p.session.take(), p.candidate.take()].into_iter().flatten() {
+            self.sessions.remove(&s.sid);
+        }
+        self.remove_neighbour(node);
     }
 
     fn confirm(&mut self, node: NodeId) {
@@ -471,6 +585,21 @@ impl Channel {
         if newly {
             self.add_neighbour(node);
         }
+    }
+
+    /// The candidate with `node` becomes its session (the peer proved it holds it).
+    fn promote(&mut self, node: NodeId) {
+        let Some(p) = self.peers.get_mut(&node) else {
+            return;
+        };
+        let Some(c) = p.candidate.take() else {
+            return;
+        };
+        if let Some(old) = p.session.replace(c) {
+            self.sessions.remove(&old.sid);
+        }
+        self.remove_neighbour(node);
+        self.confirm(node);
     }
 
     /// Whether a confirmed session with `node` exists.
@@ -498,8 +627,21 @@ impl Channel {
         p
     }
 
-    /// Sends `payload` to `to` at `addr`: sealed on an established session, else signed in a
-    /// `HELLO` (queued, with an empty `HELLO` sent, when it does not fit one).
+    fn fresh_nonce(&self) -> Result<[u8; 32], ChannelError> {
+        let mut n = [0u8; 32];
+        loop {
+            self.rng
+                .fill(&mut n)
+                .map_err(|_| ChannelError::Local("randomness"))?;
+            if n != [0u8; 32] {
+                return Ok(n);
+            }
+        }
+    }
+
+    /// Sends `payload` to `to` at `addr`: sealed on an established session; else in a `HELLO`
+    /// if we hold `to`'s certificate (queued, with an empty `HELLO` sent, when it does not fit
+    /// one); else queued behind an `INIT`.
     pub fn send(
         &mut self,
         now: Instant,
@@ -524,24 +666,23 @@ impl Channel {
             self.drop_session(to);
         }
         let p = self.peer_mut(to, now);
-        if let Some(s) = &p.session {
-            if s.confirmed {
-                self.seal(to, addr, payload);
-                return Ok(());
-            }
+        if p.session.as_ref().is_some_and(|s| s.confirmed) {
+            self.seal(to, addr, payload);
+            return Ok(());
         }
-        self.ensure_session_or_pending(now, to)?;
-        if self.hello_len(payload.len()) > MAX_PACKET {
-            let max = self.config.max_queued;
+        let known = p.known.is_some();
+        if !known || self.hello_len(payload.len()) > MAX_PACKET {
+            self.enqueue(now, to, payload);
+        }
+        self.ensure_session_or_pending(now, to)
+            .map_err(|_| SendError::Local("key derivation"))?;
+        if !known {
             let p = self.peer_mut(to, now);
-            let full = p.queue.len() >= max;
-            if full {
-                p.queue.pop_front();
+            if p.init_sent.is_none_or(|t| now.duration_since(t) >= INIT_RETRY) {
+                p.init_sent = Some(now);
+                self.init(to, addr);
             }
-            p.queue.push_back(payload.to_vec());
-            if full {
-                self.stats.queue_dropped += 1;
-            }
+        } else if self.hello_len(payload.len()) > MAX_PACKET {
             self.hello(unix_ms, to, addr, &[]);
         } else {
             self.hello(unix_ms, to, addr, payload);
@@ -549,14 +690,27 @@ impl Channel {
         Ok(())
     }
 
+    fn enqueue(&mut self, now: Instant, to: NodeId, payload: &[u8]) {
+        let max = self.config.max_queued;
+        let p = self.peer_mut(to, now);
+        let full = p.queue.len() >= max;
+        if full {
+            p.queue.pop_front();
+        }
+        p.queue.push_back(payload.to_vec());
+        if full {
+            self.stats.queue_dropped += 1;
+        }
+    }
+
     fn hello_len(&self, payload: usize) -> usize {
         HELLO_FIXED + self.me.cert.len() + payload
     }
 
-    /// Makes sure we hold either a session (maybe unconfirmed) or a pending ephemeral key for
-    /// `to`: derives the session when the peer's ephemeral key is known.
-    fn ensure_session_or_pending(&mut self, now: Instant, to: NodeId) -> Result<(), SendError> {
-        let life = self.config.ephemeral_lifetime;
+    /// Makes sure we hold either a session (maybe unconfirmed) or a pending nonce for `to`:
+    /// derives the session when the peer's nonce and certificate are known.
+    fn ensure_session_or_pending(&mut self, now: Instant, to: NodeId) -> Result<(), ChannelError> {
+        let life = self.config.nonce_lifetime;
         let p = self.peer_mut(to, now);
         if p.session.is_some() {
             return Ok(());
@@ -574,53 +728,55 @@ impl Channel {
             p.theirs = None;
         }
         if p.pending.is_none() {
-            let key = EphemeralPrivateKey::generate(&X25519, &self.rng)
-                .map_err(|_| SendError::Local("ephemeral key"))?;
-            let public = key
-                .compute_public_key()
-                .map_err(|_| SendError::Local("ephemeral key"))?;
-            let public = arr(public.as_ref());
-            self.peer_mut(to, now).pending = Some(Pending {
-                key,
-                public,
-                born: now,
-            });
+            let nonce = self.fresh_nonce()?;
+            self.peer_mut(to, now).pending = Some(Pending { nonce, born: now });
         }
         let p = self.peer_mut(to, now);
-        if let Some((theirs, _)) = p.theirs.take() {
-            if let Some(mine) = p.pending.take() {
-                self.derive(now, to, mine, theirs, false)
-                    .map_err(|_| SendError::Local("key agreement"))?;
+        if p.known.is_some() {
+            if let Some((theirs, _)) = p.theirs.take() {
+                if let Some(mine) = p.pending.take() {
+                    self.derive(now, to, mine.nonce, theirs, Slot::Current)?;
+                }
             }
         }
         Ok(())
     }
 
-    /// Derives the session with `to` from our ephemeral key and theirs.
+    /// Derives a session with `to` (whose certificate we hold) from the two nonces, into
+    /// `slot` (a current session replaces the old one and any candidate).
     fn derive(
         &mut self,
         now: Instant,
         to: NodeId,
-        mine: Pending,
+        mine: [u8; 32],
         theirs: [u8; 32],
-        confirmed: bool,
+        slot: Slot,
     ) -> Result<(), ChannelError> {
+        let known = self
+            .peers
+            .get(&to)
+            .and_then(|p| p.known.clone())
+            .ok_or(ChannelError::Local("no certificate for the peer"))?;
         let me = self.me.node_id;
-        let (lo, hi, lo_eph, hi_eph) = if me < to {
-            (me, to, mine.public, theirs)
+        let (lo, hi) = ordered(me, to);
+        let (lo_nonce, hi_nonce) = if me < to {
+            (mine, theirs)
         } else {
-            (to, me, theirs, mine.public)
+            (theirs, mine)
         };
-        let my_pub = mine.public;
-        let mut okm = [0u8; 72];
-        agreement::agree_ephemeral(mine.key, &UnparsedPublicKey::new(&X25519, theirs), |dh| {
-            let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, KDF_SALT).extract(dh);
-            let info: [&[u8]; 5] = [KDF_LABEL, lo.as_bytes(), hi.as_bytes(), &lo_eph, &hi_eph];
-            prk.expand(&info, Len(okm.len()))
-                .and_then(|o| o.fill(&mut okm))
-        })
-        .map_err(|_| ChannelError::Local("key agreement"))?
-        .map_err(|_| ChannelError::Local("key derivation"))?;
+        let mut okm = Zeroizing::new([0u8; 72]);
+        let info: [&[u8]; 5] = [
+            KDF_LABEL,
+            lo.as_bytes(),
+            hi.as_bytes(),
+            &lo_nonce,
+            &hi_nonce,
+        ];
+        known
+            .prk
+            .expand(&info, Len(okm.len()))
+            .and_then(|o| o.fill(&mut okm[..]))
+            .map_err(|_| ChannelError::Local("key derivation"))?;
         let key = |k: &[u8]| {
             UnboundKey::new(&CHACHA20_POLY1305, k)
                 .map(LessSafeKey::new)
@@ -633,37 +789,80 @@ impl Channel {
             (hi_to_lo, lo_to_hi)
         };
         let sid = u64::from_be_bytes(arr(&okm[64..72]));
-        okm.fill(0);
-        self.drop_session(to);
-        let p = self.peer_mut(to, now);
-        p.session = Some(Session {
+        let session = Session {
             sid,
             send_key,
             recv_key,
-            my_eph: my_pub,
-            their_eph: theirs,
+            my_nonce: mine,
+            their_nonce: theirs,
             confirmed: false,
             next_counter: 0,
             window: ReplayWindow::default(),
             born: now,
-        });
+        };
+        match slot {
+            Slot::Current => {
+                self.drop_session(to);
+                self.peer_mut(to, now).session = Some(session);
+            }
+            Slot::Candidate => {
+                let p = self.peer_mut(to, now);
+                if let Some(old) = p.candidate.replace(session) {
+                    self.sessions.remove(&old.sid);
+                }
+            }
+        }
         self.sessions.insert(sid, to);
         self.stats.sessions += 1;
-        if confirmed {
-            self.confirm(to);
-        }
         Ok(())
     }
 
-    /// Queues a `HELLO` to `to`: our pending key (or the session's) and the echo.
+    /// Queues an `INIT` to `to`: our certificate and pending nonce.
+    fn init(&mut self, to: NodeId, addr: SocketAddr) {
+        let Some(nonce) = self
+            .peers
+            .get(&to)
+            .and_then(|p| p.pending.as_ref())
+            .map(|k| k.nonce)
+        else {
+            return;
+        };
+        let cert = &self.me.cert;
+        let mut b = Vec::with_capacity(INIT_FIXED + cert.len());
+        b.extend_from_slice(&[MARKER, VERSION, TYPE_INIT]);
+        b.extend_from_slice(to.as_bytes());
+        b.extend_from_slice(&nonce);
+        b.extend_from_slice(&(cert.len() as u16).to_be_bytes());
+        b.extend_from_slice(cert);
+        self.stats.inits_sent += 1;
+        self.out.push_back((addr, b));
+    }
+
+    /// Queues a `HELLO` to `to` with our nonce and the echo of the session (or our pending
+    /// nonce and no echo).
     fn hello(&mut self, unix_ms: u64, to: NodeId, addr: SocketAddr, payload: &[u8]) {
         let Some(p) = self.peers.get(&to) else {
             return;
         };
-        let (eph, echo) = match (&p.session, &p.pending) {
-            (Some(s), _) => (s.my_eph, s.their_eph),
-            (None, Some(k)) => (k.public, [0u8; 32]),
+        let (nonce, echo) = match (&p.session, &p.pending) {
+            (Some(s), _) => (s.my_nonce, s.their_nonce),
+            (None, Some(k)) => (k.nonce, [0u8; 32]),
             (None, None) => return,
+        };
+        self.hello_with(unix_ms, to, addr, nonce, echo, payload);
+    }
+
+    fn hello_with(
+        &mut self,
+        unix_ms: u64,
+        to: NodeId,
+        addr: SocketAddr,
+        nonce: [u8; 32],
+        echo: [u8; 32],
+        payload: &[u8],
+    ) {
+        let Some(known) = self.peers.get(&to).and_then(|p| p.known.clone()) else {
+            return;
         };
         let cert = &self.me.cert;
         let mut b = Vec::with_capacity(HELLO_FIXED + cert.len() + payload.len());
@@ -671,19 +870,18 @@ impl Channel {
         b.extend_from_slice(to.as_bytes());
         b.extend_from_slice(&unix_ms.to_be_bytes());
         // Two hellos of one millisecond with the same payload still differ (and so do their
-        // signatures, which the receiver's replay cache is keyed on).
+        // MACs, which the receiver's replay cache is keyed on).
         b.extend_from_slice(&(self.stats.hellos_sent as u32).to_be_bytes());
-        b.extend_from_slice(&eph);
+        b.extend_from_slice(&nonce);
         b.extend_from_slice(&echo);
         b.extend_from_slice(&(cert.len() as u16).to_be_bytes());
         b.extend_from_slice(cert);
         b.extend_from_slice(&(payload.len() as u16).to_be_bytes());
         b.extend_from_slice(payload);
-        let mut msg = Vec::with_capacity(HELLO_CONTEXT.len() + b.len());
-        msg.extend_from_slice(HELLO_CONTEXT);
-        msg.extend_from_slice(&b);
-        let sig = self.me.key.sign(&msg);
-        b.extend_from_slice(sig.as_ref());
+        let mut ctx = hmac::Context::with_key(&known.hello_key);
+        ctx.update(HELLO_CONTEXT);
+        ctx.update(&b);
+        b.extend_from_slice(ctx.sign().as_ref());
         self.stats.hellos_sent += 1;
         self.out.push_back((addr, b));
     }
@@ -703,15 +901,17 @@ impl Channel {
         b.extend_from_slice(&[MARKER, VERSION, TYPE_DATA]);
         b.extend_from_slice(&s.sid.to_be_bytes());
         b.extend_from_slice(&counter.to_be_bytes());
-        let mut body = payload.to_vec();
-        let aad: [u8; DATA_HEADER] = arr(&b);
-        if s.send_key
-            .seal_in_place_append_tag(nonce(counter), Aad::from(&aad), &mut body)
-            .is_err()
-        {
-            return;
-        }
-        b.extend_from_slice(&body);
+        b.extend_from_slice(payload);
+        let aad: [u8; DATA_HEADER] = arr(&b[..DATA_HEADER]);
+        let tag = match s.send_key.seal_in_place_separate_tag(
+            nonce(counter),
+            Aad::from(&aad),
+            &mut b[DATA_HEADER..],
+        ) {
+            Ok(t) => t,
+            Err(_) => return,
+        };
+        b.extend_from_slice(tag.as_ref());
         self.stats.data_sent += 1;
         self.out.push_back((addr, b));
     }
@@ -762,6 +962,7 @@ impl Channel {
         match packet[2] {
             TYPE_HELLO => self.handle_hello(now, unix_ms, from, packet),
             TYPE_DATA => self.handle_data(now, unix_ms, from, packet),
+            TYPE_INIT => self.handle_init(now, unix_ms, from, packet).map(|()| None),
             t => Err(ChannelError::UnknownType(t)),
         }
     }
@@ -776,30 +977,42 @@ impl Channel {
         Ok(())
     }
 
-    /// The certificate's checked identity and key; the CA chain is verified once per
-    /// certificate (by hash), expiry and the deny-set by the caller on every packet.
-    fn verify_cert(
-        &mut self,
-        der: &[u8],
-        unix_ms: u64,
-    ) -> Result<(Arc<CertInfo>, [u8; 32]), ChannelError> {
+    /// The certificate's checked identity and the keys shared with its node; the CA chain is
+    /// verified and the pair key derived once per certificate (by hash), expiry and the
+    /// deny-set by the caller on every packet.
+    fn verify_cert(&mut self, der: &[u8], unix_ms: u64) -> Result<Arc<Known>, ChannelError> {
         let hash: [u8; 32] = Sha256::digest(der).into();
         if let Some(c) = self.certs.get(&hash) {
             return Ok(c.clone());
         }
         let (info, key) =
             parse_node_cert_key(der).map_err(|e| ChannelError::BadCertificate(e.to_string()))?;
+        if info.node_id == self.me.node_id {
+            return Err(ChannelError::FromSelf);
+        }
         let now = UnixTime::since_unix_epoch(Duration::from_millis(unix_ms));
         self.verifier
             .verify_client_cert(&CertificateDer::from(der), &[], now)
             .map_err(|e| ChannelError::Untrusted(e.to_string()))?;
         self.stats.chains_verified += 1;
+        let secret = pair_secret(&self.me.scalar, &key)?;
+        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, KDF_SALT).extract(&secret[..]);
+        let (lo, hi) = ordered(self.me.node_id, info.node_id);
+        let mut hello_key = Zeroizing::new([0u8; 32]);
+        prk.expand(&[HELLO_KEY_LABEL, lo.as_bytes(), hi.as_bytes()], Len(32))
+            .and_then(|o| o.fill(&mut hello_key[..]))
+            .map_err(|_| ChannelError::Local("key derivation"))?;
+        self.stats.pair_keys += 1;
         if self.certs.len() >= self.config.max_peers * 2 {
             self.certs.clear();
         }
-        let entry = (Arc::new(info), key);
-        self.certs.insert(hash, entry.clone());
-        Ok(entry)
+        let known = Arc::new(Known {
+            info: Arc::new(info),
+            hello_key: hmac::Key::new(hmac::HMAC_SHA256, &hello_key[..]),
+            prk,
+        });
+        self.certs.insert(hash, known.clone());
+        Ok(known)
     }
 
     fn remember_hello(&mut self, key: [u8; 16], ts: u64, unix_ms: u64) {
@@ -821,6 +1034,51 @@ impl Channel {
         self.seen_order.push_back((key, ts));
     }
 
+    /// A first contact: checks the certificate, sets up a session (or a candidate beside the
+    /// one we hold: the `INIT` proves nothing) and answers with a `HELLO`.
+    fn handle_init(
+        &mut self,
+        now: Instant,
+        unix_ms: u64,
+        from: SocketAddr,
+        packet: &[u8],
+    ) -> Result<(), ChannelError> {
+        let init = parse_init(packet)?;
+        if init.target != *self.me.node_id.as_bytes() {
+            return Err(ChannelError::WrongTarget);
+        }
+        let known = self.verify_cert(init.cert, unix_ms)?;
+        self.check_peer(&known.info, unix_ms)?;
+        self.stats.inits_received += 1;
+        let peer = known.info.node_id;
+        let p = self.peer_mut(peer, now);
+        p.known = Some(known);
+        if p.addr.is_none() {
+            p.addr = Some(from);
+        }
+        let reply_to = p.addr.unwrap_or(from);
+        let answered = |s: &Option<Session>| {
+            s.as_ref()
+                .filter(|s| s.their_nonce == init.nonce)
+                .map(|s| (s.my_nonce, s.their_nonce))
+        };
+        if let Some((mine, theirs)) = answered(&p.session).or_else(|| answered(&p.candidate)) {
+            // A repeated init (our answer was lost, or is on its way): answer again.
+            self.hello_with(unix_ms, peer, reply_to, mine, theirs, &[]);
+            return Ok(());
+        }
+        if p.session.is_some() {
+            let mine = self.fresh_nonce()?;
+            self.derive(now, peer, mine, init.nonce, Slot::Candidate)?;
+            self.hello_with(unix_ms, peer, reply_to, mine, init.nonce, &[]);
+            return Ok(());
+        }
+        p.theirs = Some((init.nonce, now));
+        self.ensure_session_or_pending(now, peer)?;
+        self.hello(unix_ms, peer, reply_to, &[]);
+        Ok(())
+    }
+
     fn handle_hello(
         &mut self,
         now: Instant,
@@ -840,63 +1098,66 @@ impl Channel {
         {
             return Err(ChannelError::Stale);
         }
-        let seen_key: [u8; 16] = arr(&h.sig[..16]);
+        let seen_key: [u8; 16] = arr(&h.mac[..16]);
         if self.seen.contains_key(&seen_key) {
             return Err(ChannelError::Replayed);
         }
-        let (info, key) = self.verify_cert(h.cert, unix_ms)?;
-        if info.node_id == self.me.node_id {
-            return Err(ChannelError::FromSelf);
+        let known = self.verify_cert(h.cert, unix_ms)?;
+        self.check_peer(&known.info, unix_ms)?;
+        let mut ctx = hmac::Context::with_key(&known.hello_key);
+        ctx.update(HELLO_CONTEXT);
+        ctx.update(h.authenticated);
+        let tag = ctx.sign();
+        if !bool::from(subtle::ConstantTimeEq::ct_eq(tag.as_ref(), h.mac)) {
+            return Err(ChannelError::BadMac);
         }
-        self.check_peer(&info, unix_ms)?;
-        let mut msg = Vec::with_capacity(HELLO_CONTEXT.len() + h.signed.len());
-        msg.extend_from_slice(HELLO_CONTEXT);
-        msg.extend_from_slice(h.signed);
-        signature::UnparsedPublicKey::new(&signature::ED25519, key)
-            .verify(&msg, h.sig)
-            .map_err(|_| ChannelError::BadSignature)?;
         self.remember_hello(seen_key, h.ts, unix_ms);
         self.stats.hellos_received += 1;
+        let info = known.info.clone();
         let peer = info.node_id;
         let p = self.peer_mut(peer, now);
-        p.cert = Some((info.clone(), key));
+        p.known = Some(known);
         if p.addr.is_none() {
             p.addr = Some(from);
         }
         let reply_to = p.addr.unwrap_or(from);
         match h.echo {
             Some(echo) => {
-                let pending_matches = p.pending.as_ref().is_some_and(|k| k.public == echo);
-                let same_session = p
-                    .session
-                    .as_ref()
-                    .is_some_and(|s| s.my_eph == echo && s.their_eph == h.eph);
-                if pending_matches {
-                    // It answered our hello: the session is set up on both sides.
+                let pending = p.pending.as_ref().is_some_and(|k| k.nonce == echo);
+                if pending {
+                    // It answered our init or hello: the session is set up on both sides.
                     if let Some(mine) = p.pending.take() {
-                        self.derive(now, peer, mine, h.eph, true)?;
+                        self.derive(now, peer, mine.nonce, h.nonce, Slot::Current)?;
+                        self.confirm(peer);
                         self.flush(peer, reply_to);
                     }
-                } else if same_session {
+                } else if Peer::matches(&p.session, &echo, &h.nonce) {
                     // It holds the session but has not seen our DATA yet: confirm it.
                     self.confirm(peer);
                     self.flush(peer, reply_to);
-                } else {
-                    // It answers a key we no longer hold (we restarted or it is old): start
-                    // over; an empty hello asks it for a fresh echo.
+                } else if Peer::matches(&p.candidate, &echo, &h.nonce) {
+                    self.promote(peer);
+                    self.flush(peer, reply_to);
+                } else if !p.session.as_ref().is_some_and(|s| s.confirmed) {
+                    // It answers a nonce we no longer hold (we restarted, or it expired):
+                    // start over; a hello without echo asks it for a fresh answer.
                     self.drop_session(peer);
                     self.peer_mut(peer, now).theirs = None;
                     if self.ensure_session_or_pending(now, peer).is_ok() {
                         self.hello(unix_ms, peer, reply_to, &[]);
                     }
                 }
+                // Else: an answer to an init we did not send (someone replayed our
+                // certificate); the session we hold stays.
             }
             None => {
-                let older_of_ours = p.session.as_ref().is_some_and(|s| s.their_eph == h.eph);
-                if !older_of_ours {
-                    // A fresh key: the peer holds no session with us (it restarted, or this is
-                    // first contact). Ours is useless to it.
-                    p.theirs = Some((h.eph, now));
+                let ours = |s: &Option<Session>| {
+                    s.as_ref().is_some_and(|s| s.their_nonce == h.nonce)
+                };
+                if !ours(&p.session) && !ours(&p.candidate) {
+                    // A fresh nonce, authenticated: the peer holds no session with us (it
+                    // restarted, or its session expired). Ours is useless to it.
+                    p.theirs = Some((h.nonce, now));
                     self.drop_session(peer);
                     let wants_echo = h.payload.is_empty();
                     let queued = !self.peer_mut(peer, now).queue.is_empty();
@@ -932,21 +1193,21 @@ impl Channel {
             .get(&sid)
             .ok_or(ChannelError::UnknownSession)?;
         let lifetime = self.config.session_lifetime;
-        let (info, was_confirmed, body) = {
+        let (info, slot, was_confirmed, body) = {
             let p = self
                 .peers
                 .get_mut(&peer)
                 .ok_or(ChannelError::UnknownSession)?;
             let info = p
-                .cert
+                .known
                 .as_ref()
-                .map(|(c, _)| c.clone())
+                .map(|k| k.info.clone())
                 .ok_or(ChannelError::UnknownSession)?;
-            let s = p
-                .session
-                .as_mut()
-                .filter(|s| s.sid == sid)
-                .ok_or(ChannelError::UnknownSession)?;
+            let (slot, s) = match (&mut p.session, &mut p.candidate) {
+                (Some(s), _) if s.sid == sid => (Slot::Current, s),
+                (_, Some(c)) if c.sid == sid => (Slot::Candidate, c),
+                _ => return Err(ChannelError::UnknownSession),
+            };
             if now.duration_since(s.born) >= lifetime {
                 return Err(ChannelError::UnknownSession);
             }
@@ -962,11 +1223,14 @@ impl Channel {
                 .len();
             body.truncate(len);
             s.window.commit(counter);
-            let was = s.confirmed;
+            let was = s.confirmed && slot == Slot::Current;
             p.last_used = Some(now);
-            (info, was, body)
+            (info, slot, was, body)
         };
-        self.confirm(peer);
+        match slot {
+            Slot::Current => self.confirm(peer),
+            Slot::Candidate => self.promote(peer),
+        }
         self.check_peer(&info, unix_ms)?;
         self.stats.data_received += 1;
         if !was_confirmed {
@@ -985,10 +1249,32 @@ impl Channel {
     }
 }
 
+/// The X25519 scalar of an Ed25519 PKCS#8 key (RFC 8410): SHA-512 of the 32-byte seed, first
+/// half. Checked against `public`: the scalar times the base point must be that key.
+fn x25519_scalar(pkcs8: &[u8], public: &[u8; 32]) -> Result<Zeroizing<[u8; 32]>, String> {
+    // PrivateKeyInfo: ... AlgorithmIdentifier 1.3.101.112, then privateKey OCTET STRING
+    // wrapping the OCTET STRING of the seed (04 22 04 20 || seed).
+    const SEED_PREFIX: [u8; 11] = [0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20];
+    let prefix = &SEED_PREFIX[..];
+    let at = pkcs8
+        .windows(prefix.len())
+        .position(|w| w == prefix)
+        .ok_or_else(|| "node key is not an Ed25519 PKCS#8 key".to_owned())?;
+    let seed = pkcs8
+        .get(at + prefix.len()..at + prefix.len() + 32)
+        .ok_or_else(|| "node key truncated".to_owned())?;
+    let mut digest = Sha512::digest(seed);
+    let mut scalar = Zeroizing::new([0u8; 32]);
+    scalar.copy_from_slice(&digest[..32]);
+    zeroize::Zeroize::zeroize(digest.as_mut_slice());
+    if EdwardsPoint::mul_base_clamped(*scalar).compress().to_bytes() != *public {
+        return Err("node key does not match its certificate".to_owned());
+    }
+    Ok(scalar)
+}
+
 /// Builds a channel's [`LocalIdentity`] from a node identity.
 pub fn local_identity(id: &crate::identity::NodeIdentity) -> Result<LocalIdentity, String> {
-    let key = Ed25519KeyPair::from_pkcs8_maybe_unchecked(id.key.secret_der())
-        .map_err(|e| e.to_string())?;
     let cert = id
         .chain
         .first()
@@ -997,10 +1283,12 @@ pub fn local_identity(id: &crate::identity::NodeIdentity) -> Result<LocalIdentit
     if cert.len() > MAX_CERT {
         return Err(format!("certificate of {} B over {MAX_CERT}", cert.len()));
     }
+    let (_, public) = parse_node_cert_key(&cert).map_err(|e| e.to_string())?;
+    let scalar = x25519_scalar(id.key.secret_der(), &public)?;
     Ok(LocalIdentity {
         node_id: id.info.node_id,
         cert,
-        key,
+        scalar,
     })
 }
 
@@ -1118,9 +1406,15 @@ mod tests {
         }
     }
 
+    fn types(log: &[(bool, Vec<u8>)]) -> Vec<(bool, u8)> {
+        log.iter().map(|(to_b, b)| (*to_b, b[2])).collect()
+    }
+
     #[test]
-    fn first_contact_is_a_signed_hello_then_sessions_seal() {
+    fn first_contact_is_an_init_then_sessions_seal() {
         let mut p = Pair::new().established();
+        assert_eq!((p.a.stats().inits_sent, p.b.stats().inits_received), (1, 1));
+        assert_eq!((p.a.stats().pair_keys, p.b.stats().pair_keys), (1, 1));
         for i in 0..5u8 {
             p.a_to_b(&[i; 100]);
             p.b_to_a(&[i; 50]);
@@ -1138,18 +1432,84 @@ mod tests {
     }
 
     #[test]
-    fn one_way_traffic_stays_signed_until_answered() {
+    fn first_payloads_wait_one_round_trip_then_go_sealed() {
         let mut p = Pair::new();
         for _ in 0..3 {
             p.a_to_b(b"gossip");
         }
         let (_, at_b) = p.pump();
-        assert_eq!(at_b.len(), 3);
+        assert_eq!(at_b, vec![b"gossip".to_vec(); 3]);
+        // One init (repeated at most every 250 ms), the answer, then the queue, sealed.
+        assert_eq!(
+            types(&p.log),
+            vec![
+                (true, TYPE_INIT),
+                (false, TYPE_HELLO),
+                (true, TYPE_DATA),
+                (true, TYPE_DATA),
+                (true, TYPE_DATA)
+            ]
+        );
         assert_eq!(p.b.stats().chains_verified, 1, "chain verified once");
-        assert!(!p.a.has_session(p.b_id));
-        p.b_to_a(b"reply");
-        p.pump();
         assert!(p.a.has_session(p.b_id) && p.b.has_session(p.a_id));
+    }
+
+    #[test]
+    fn a_peer_whose_certificate_we_hold_gets_the_payload_in_the_first_hello() {
+        let mut p = Pair::new().established();
+        // Both sessions expire; the certificates (and pair keys) stay.
+        p.now += ChannelConfig::default().session_lifetime + Duration::from_secs(1);
+        p.a_to_b(b"again");
+        let (_, at_b) = p.pump();
+        assert_eq!(at_b, vec![b"again".to_vec()]);
+        assert_eq!(types(&p.log)[0], (true, TYPE_HELLO));
+        p.b_to_a(b"back");
+        let (at_a, _) = p.pump();
+        assert_eq!(at_a, vec![b"back".to_vec()]);
+        assert!(p.a.has_session(p.b_id) && p.b.has_session(p.a_id));
+        assert_eq!((p.a.stats().pair_keys, p.b.stats().pair_keys), (1, 1));
+        assert_eq!(p.a.stats().inits_sent + p.b.stats().inits_sent, 1);
+    }
+
+    #[test]
+    fn an_init_replaying_a_certificate_cannot_take_a_session_over() {
+        let ca = ca("ca");
+        let (ia, ib) = (ident(&ca, "alpha"), ident(&ca, "beta"));
+        let mut p = Pair {
+            a: channel(&ia, DenySet::default()),
+            b: channel(&ib, DenySet::default()),
+            a_id: ia.node_id(),
+            b_id: ib.node_id(),
+            now: Instant::now(),
+            log: Vec::new(),
+        }
+        .established();
+        // Anyone who saw alpha's certificate can build this.
+        let cert = ia.chain[0].to_vec();
+        let mut init = vec![MARKER, VERSION, TYPE_INIT];
+        init.extend_from_slice(p.b_id.as_bytes());
+        init.extend_from_slice(&[9u8; 32]);
+        init.extend_from_slice(&(cert.len() as u16).to_be_bytes());
+        init.extend_from_slice(&cert);
+        assert!(p
+            .b
+            .handle_packet(p.now, T0, addr(66), &init)
+            .expect("taken")
+            .is_none());
+        // b answers alpha (at alpha's address, not the sender's); alpha keeps its session.
+        let (to, answer) = p.b.poll_transmit().expect("answer");
+        assert_eq!((to, answer[2]), (addr(1), TYPE_HELLO));
+        assert!(p
+            .a
+            .handle_packet(p.now, T0, addr(2), &answer)
+            .expect("authentic")
+            .is_none());
+        assert!(p.a.poll_transmit().is_none());
+        p.a_to_b(b"still");
+        p.b_to_a(b"here");
+        let (at_a, at_b) = p.pump();
+        assert_eq!((at_a, at_b), (vec![b"here".to_vec()], vec![b"still".to_vec()]));
+        assert!(types(&p.log).iter().all(|(_, t)| *t == TYPE_DATA));
     }
 
     #[test]
@@ -1204,13 +1564,15 @@ mod tests {
     fn replayed_data_and_hellos_are_dropped() {
         let mut p = Pair::new();
         p.a_to_b(b"hello payload");
-        let (_, hello) = p.a.poll_transmit().expect("hello");
-        assert!(p.b.handle_packet(p.now, T0, addr(1), &hello).is_ok());
+        let (_, init) = p.a.poll_transmit().expect("init");
+        assert!(p.b.handle_packet(p.now, T0, addr(1), &init).is_ok());
+        let (_, hello) = p.b.poll_transmit().expect("hello");
+        assert!(p.a.handle_packet(p.now, T0, addr(2), &hello).is_ok());
         assert_eq!(
-            p.b.handle_packet(p.now, T0, addr(1), &hello).err(),
+            p.a.handle_packet(p.now, T0, addr(2), &hello).err(),
             Some(ChannelError::Replayed)
         );
-        let mut p = p.established();
+        let mut p = Pair::new().established();
         for i in 0..70u8 {
             p.a_to_b(&[i]);
         }
@@ -1242,16 +1604,23 @@ mod tests {
         let mut b = channel(&ib, DenySet::default());
         let mut c = channel(&ic, DenySet::default());
         let now = Instant::now();
-        // Sent long ago: outside the window.
-        a.send(now, T0 - 120_000, ib.node_id(), addr(2), b"x")
-            .expect("send");
+        // b's init teaches a its certificate; a's answer is stamped long ago.
+        b.send(now, T0, ia.node_id(), addr(1), b"x").expect("send");
+        let (_, init) = b.poll_transmit().expect("init");
+        a.handle_packet(now, T0 - 120_000, addr(2), &init)
+            .expect("init taken");
         let (_, old) = a.poll_transmit().expect("hello");
+        assert_eq!(old[2], TYPE_HELLO);
         assert_eq!(
             b.handle_packet(now, T0, addr(1), &old).err(),
             Some(ChannelError::Stale)
         );
-        // For b, delivered to c.
-        a.send(now, T0, ib.node_id(), addr(2), b"x").expect("send");
+        // For b, delivered to c: an init and a hello.
+        assert_eq!(
+            c.handle_packet(now, T0, addr(2), &init).err(),
+            Some(ChannelError::WrongTarget)
+        );
+        a.handle_packet(now, T0, addr(2), &init).expect("init taken");
         let (_, h) = a.poll_transmit().expect("hello");
         assert_eq!(
             c.handle_packet(now, T0, addr(1), &h).err(),
@@ -1269,7 +1638,8 @@ mod tests {
         );
         let mut b = channel(&ib, DenySet::default());
         let now = Instant::now();
-        // Mallory (a member) sends a hello carrying alpha's certificate, signed with her key.
+        // Mallory (a member) answers for alpha: her hello carries alpha's certificate, but
+        // her key is not alpha's, so her MAC is not the one b derives for alpha.
         let mut forged = local_identity(&im).expect("identity");
         forged.cert = ia.chain[0].to_vec();
         forged.node_id = ia.node_id();
@@ -1280,23 +1650,29 @@ mod tests {
             ChannelConfig::default(),
             T0,
         );
-        m.send(now, T0, ib.node_id(), addr(2), b"I am alpha")
+        b.send(now, T0, ia.node_id(), addr(1), b"for alpha")
             .expect("send");
+        let (_, init) = b.poll_transmit().expect("init");
+        m.handle_packet(now, T0, addr(2), &init).expect("init taken");
         let (_, h) = m.poll_transmit().expect("hello");
         assert_eq!(
             b.handle_packet(now, T0, addr(3), &h).err(),
-            Some(ChannelError::BadSignature)
+            Some(ChannelError::BadMac)
         );
         // A genuine hello with its payload changed.
         let mut a = channel(&ia, DenySet::default());
+        a.handle_packet(now, T0, addr(2), &init).expect("init taken");
+        let _answer = a.poll_transmit().expect("answer");
         a.send(now, T0, ib.node_id(), addr(2), b"genuine")
             .expect("send");
         let (_, mut h) = a.poll_transmit().expect("hello");
-        let at = h.len() - 64 - 7;
+        assert_eq!(h[2], TYPE_HELLO);
+        let at = h.len() - MAC - 7;
+        assert_eq!(&h[at..at + 7], b"genuine");
         h[at..at + 7].copy_from_slice(b"forged!");
         assert_eq!(
             b.handle_packet(now, T0, addr(1), &h).err(),
-            Some(ChannelError::BadSignature)
+            Some(ChannelError::BadMac)
         );
         assert_eq!(b.stats().hellos_received, 0);
     }
@@ -1386,6 +1762,23 @@ mod tests {
     }
 
     #[test]
+    fn the_channel_key_must_be_the_certificate_key() {
+        let ca = ca("ca");
+        let (ia, ib) = (ident(&ca, "alpha"), ident(&ca, "beta"));
+        let mut mixed = ia.clone();
+        mixed.key = ib.key.clone_key();
+        let err = local_identity(&mixed).err().expect("refused");
+        assert!(err.contains("does not match"), "{err}");
+        // Each side's scalar with the other's key gives one secret.
+        let (la, lb) = (local_identity(&ia).expect("a"), local_identity(&ib).expect("b"));
+        let (_, ka) = parse_node_cert_key(&la.cert).expect("a key");
+        let (_, kb) = parse_node_cert_key(&lb.cert).expect("b key");
+        let ab = pair_secret(&la.scalar, &kb).expect("ab");
+        assert_eq!(*ab, *pair_secret(&lb.scalar, &ka).expect("ba"));
+        assert_ne!(*ab, *pair_secret(&la.scalar, &ka).expect("aa"));
+    }
+
+    #[test]
     fn oversize_payload_is_refused_on_send() {
         let mut p = Pair::new();
         let too_big = vec![0u8; MAX_PAYLOAD + 1];
@@ -1400,7 +1793,7 @@ mod tests {
         #[test]
         fn malformed_packets_never_panic(
             body in proptest::collection::vec(any::<u8>(), 0..1600),
-            kind in 0u8..4,
+            kind in 0u8..5,
             cut in 0usize..1600,
             flip in 0usize..1600,
         ) {

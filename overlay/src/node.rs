@@ -1631,7 +1631,7 @@ fn handle_channel_packet(inner: &Arc<Inner>, a: &mut Actor, from: SocketAddr, da
         Err(
             e @ (crate::channel::ChannelError::Revoked(_)
             | crate::channel::ChannelError::Untrusted(_)
-            | crate::channel::ChannelError::BadSignature
+            | crate::channel::ChannelError::BadMac
             | crate::channel::ChannelError::Expired),
         ) => {
             warn!(%from, error = %e, "membership packet refused")
@@ -1652,6 +1652,10 @@ fn flush_channel(inner: &Inner, channel: &mut crate::channel::Channel) {
     }
     let st = channel.stats();
     let s = &inner.stats;
+    s.membership_inits_sent
+        .store(st.inits_sent, Ordering::Relaxed);
+    s.membership_inits_received
+        .store(st.inits_received, Ordering::Relaxed);
     s.membership_hellos_sent
         .store(st.hellos_sent, Ordering::Relaxed);
     s.membership_hellos_received

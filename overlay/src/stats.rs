@@ -75,7 +75,11 @@ stats! {
     membership_datagrams_sent => "meshd_membership_datagrams_sent_total", "Membership datagrams sent", counter;
     /// Membership datagrams received.
     membership_datagrams_received => "meshd_membership_datagrams_received_total", "Membership datagrams received", counter;
-    /// Membership-channel hellos sent (signed first contacts, PROTOCOL.md §8).
+    /// Membership-channel inits sent (first contacts, PROTOCOL.md §8).
+    membership_inits_sent => "meshd_membership_inits_sent_total", "Membership channel: inits sent", counter;
+    /// Membership-channel inits taken (certificate good).
+    membership_inits_received => "meshd_membership_inits_received_total", "Membership channel: inits taken", counter;
+    /// Membership-channel hellos sent (authenticated by the pair key, PROTOCOL.md §8).
     membership_hellos_sent => "meshd_membership_hellos_sent_total", "Membership channel: hellos sent", counter;
     /// Membership-channel hellos accepted.
     membership_hellos_received => "meshd_membership_hellos_received_total", "Membership channel: hellos accepted", counter;
