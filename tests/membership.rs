@@ -184,7 +184,7 @@ async fn membership_needs_no_connection_per_member() {
 }
 
 /// A node whose certificate is not from the overlay CA cannot join through the membership
-/// channel: its signed hello, sent straight to a member's UDP socket, is dropped.
+/// channel: its `INIT`, sent straight to a member's UDP socket, is dropped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hello_from_a_foreign_ca_is_dropped() {
     use overlay::channel::{local_identity, Channel, ChannelConfig};

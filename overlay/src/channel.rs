@@ -461,10 +461,7 @@ fn nonce(counter: u64) -> Nonce {
 
 /// The X25519 secret of `scalar` (clamped) and the Ed25519 public key `theirs`: the same value
 /// as X25519 with `theirs` mapped to its Montgomery u-coordinate (RFC 7748 §4.1).
-fn pair_secret(
-    scalar: &[u8; 32],
-    theirs: &[u8; 32],
-) -> Result<Zeroizing<[u8; 32]>, ChannelError> {
+fn pair_secret(scalar: &[u8; 32], theirs: &[u8; 32]) -> Result<Zeroizing<[u8; 32]>, ChannelError> {
     let point = CompressedEdwardsY(*theirs)
         .decompress()
         .ok_or_else(|| ChannelError::BadCertificate("key is not a curve point".into()))?;
@@ -473,7 +470,9 @@ fn pair_secret(
     }
     let shared = Zeroizing::new(point.mul_clamped(*scalar).to_montgomery().to_bytes());
     if *shared == [0u8; 32] {
-        return Err(ChannelError::BadCertificate("degenerate key agreement".into()));
+        return Err(ChannelError::BadCertificate(
+            "degenerate key agreement".into(),
+        ));
     }
     Ok(shared)
 }
@@ -678,7 +677,9 @@ impl Channel {
             .map_err(|_| SendError::Local("key derivation"))?;
         if !known {
             let p = self.peer_mut(to, now);
-            if p.init_sent.is_none_or(|t| now.duration_since(t) >= INIT_RETRY) {
+            if p.init_sent
+                .is_none_or(|t| now.duration_since(t) >= INIT_RETRY)
+            {
                 p.init_sent = Some(now);
                 self.init(to, addr);
             }
@@ -1151,9 +1152,8 @@ impl Channel {
                 // certificate); the session we hold stays.
             }
             None => {
-                let ours = |s: &Option<Session>| {
-                    s.as_ref().is_some_and(|s| s.their_nonce == h.nonce)
-                };
+                let ours =
+                    |s: &Option<Session>| s.as_ref().is_some_and(|s| s.their_nonce == h.nonce);
                 if !ours(&p.session) && !ours(&p.candidate) {
                     // A fresh nonce, authenticated: the peer holds no session with us (it
                     // restarted, or its session expired). Ours is useless to it.
@@ -1254,7 +1254,9 @@ impl Channel {
 fn x25519_scalar(pkcs8: &[u8], public: &[u8; 32]) -> Result<Zeroizing<[u8; 32]>, String> {
     // PrivateKeyInfo: ... AlgorithmIdentifier 1.3.101.112, then privateKey OCTET STRING
     // wrapping the OCTET STRING of the seed (04 22 04 20 || seed).
-    const SEED_PREFIX: [u8; 11] = [0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20];
+    const SEED_PREFIX: [u8; 11] = [
+        0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+    ];
     let prefix = &SEED_PREFIX[..];
     let at = pkcs8
         .windows(prefix.len())
@@ -1267,7 +1269,11 @@ fn x25519_scalar(pkcs8: &[u8], public: &[u8; 32]) -> Result<Zeroizing<[u8; 32]>,
     let mut scalar = Zeroizing::new([0u8; 32]);
     scalar.copy_from_slice(&digest[..32]);
     zeroize::Zeroize::zeroize(digest.as_mut_slice());
-    if EdwardsPoint::mul_base_clamped(*scalar).compress().to_bytes() != *public {
+    if EdwardsPoint::mul_base_clamped(*scalar)
+        .compress()
+        .to_bytes()
+        != *public
+    {
         return Err("node key does not match its certificate".to_owned());
     }
     Ok(scalar)
@@ -1508,7 +1514,10 @@ mod tests {
         p.a_to_b(b"still");
         p.b_to_a(b"here");
         let (at_a, at_b) = p.pump();
-        assert_eq!((at_a, at_b), (vec![b"here".to_vec()], vec![b"still".to_vec()]));
+        assert_eq!(
+            (at_a, at_b),
+            (vec![b"here".to_vec()], vec![b"still".to_vec()])
+        );
         assert!(types(&p.log).iter().all(|(_, t)| *t == TYPE_DATA));
     }
 
@@ -1620,7 +1629,8 @@ mod tests {
             c.handle_packet(now, T0, addr(2), &init).err(),
             Some(ChannelError::WrongTarget)
         );
-        a.handle_packet(now, T0, addr(2), &init).expect("init taken");
+        a.handle_packet(now, T0, addr(2), &init)
+            .expect("init taken");
         let (_, h) = a.poll_transmit().expect("hello");
         assert_eq!(
             c.handle_packet(now, T0, addr(1), &h).err(),
@@ -1653,7 +1663,8 @@ mod tests {
         b.send(now, T0, ia.node_id(), addr(1), b"for alpha")
             .expect("send");
         let (_, init) = b.poll_transmit().expect("init");
-        m.handle_packet(now, T0, addr(2), &init).expect("init taken");
+        m.handle_packet(now, T0, addr(2), &init)
+            .expect("init taken");
         let (_, h) = m.poll_transmit().expect("hello");
         assert_eq!(
             b.handle_packet(now, T0, addr(3), &h).err(),
@@ -1661,7 +1672,8 @@ mod tests {
         );
         // A genuine hello with its payload changed.
         let mut a = channel(&ia, DenySet::default());
-        a.handle_packet(now, T0, addr(2), &init).expect("init taken");
+        a.handle_packet(now, T0, addr(2), &init)
+            .expect("init taken");
         let _answer = a.poll_transmit().expect("answer");
         a.send(now, T0, ib.node_id(), addr(2), b"genuine")
             .expect("send");
@@ -1770,7 +1782,10 @@ mod tests {
         let err = local_identity(&mixed).err().expect("refused");
         assert!(err.contains("does not match"), "{err}");
         // Each side's scalar with the other's key gives one secret.
-        let (la, lb) = (local_identity(&ia).expect("a"), local_identity(&ib).expect("b"));
+        let (la, lb) = (
+            local_identity(&ia).expect("a"),
+            local_identity(&ib).expect("b"),
+        );
         let (_, ka) = parse_node_cert_key(&la.cert).expect("a key");
         let (_, kb) = parse_node_cert_key(&lb.cert).expect("b key");
         let ab = pair_secret(&la.scalar, &kb).expect("ab");

@@ -123,12 +123,12 @@ pub struct MembershipConfig {
     /// foca's periodic gossip (period, members per round), on top of piggy-backing updates on
     /// probes; foca sends it only while it has updates to spread. Default 200 ms × 3
     /// (memberlist's LAN values). Each round goes to fresh random members; on the membership
-    /// channel a new member costs one signed hello (no QUIC handshake). Measured at 100 peers
-    /// (docs/BENCHMARKS.md "Membership"): off makes the last peer see a crash 10.4 s after it
+    /// channel a new member costs an `INIT` and a pair key (no QUIC handshake). Measured at
+    /// 100 peers (docs/BENCHMARKS.md "Membership"): off makes the last peer see a crash 10.4 s after it
     /// instead of 5.5 s; 500 ms × 1 gives 7.7 s.
     pub periodic_gossip: Option<(Duration, usize)>,
     /// First contacts per second that periodic gossip may make (burst: twice as many). Each
-    /// costs a signed hello and certificate check on the membership channel, and during a
+    /// costs a certificate check and a pair key on the membership channel, and during a
     /// join storm foca would gossip to ~15 fresh members a second; past this budget, gossip for
     /// a member without a session goes to a random member with one (once there are 8).
     /// Default 2/s. None: never redirect. Measured (docs/BENCHMARKS.md "Scale"): always

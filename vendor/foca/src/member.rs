@@ -396,36 +396,46 @@ where
     }
 
     pub(crate) fn apply(&mut self, update: Member<T>, mut rng: impl RngExt) -> ApplySummary<T> {
-        self.apply_existing_if(update.clone(), |_member| true)
-            .unwrap_or_else(|| {
-                // Unknown member, we'll register it
-                let is_active_now = update.is_active();
-
-                // Insert at the end and swap with a random position.
-                self.inner.push(update);
-                let inserted_at = self.inner.len() - 1;
-
-                let swap_idx = (0..self.inner.len())
-                    .choose(&mut rng)
-                    .unwrap_or(inserted_at);
-
-                self.inner.swap(swap_idx, inserted_at);
-                let (a, b) = (self.inner[swap_idx].id.addr(), self.inner[inserted_at].id.addr());
-                self.index.insert(a, swap_idx);
-                self.index.insert(b, inserted_at);
-
-                if is_active_now {
-                    self.num_active = self.num_active.saturating_add(1);
-                }
-
-                ApplySummary {
-                    is_active_now,
-                    apply_successful: true,
-                    // Registering a new active member changes the active set
-                    changed_active_set: is_active_now,
+        // meshd: look the member up first instead of cloning every update (upstream cloned
+        // the identity of each applied update, most of them for known members).
+        if self.position_of(&update.id().addr()).is_some() {
+            // Found, so `apply_existing_if` answers; the fallback is never taken.
+            return self
+                .apply_existing_if(update, |_member| true)
+                .unwrap_or(ApplySummary {
+                    is_active_now: false,
+                    apply_successful: false,
+                    changed_active_set: false,
                     conflict: ConflictResult::NoConflict,
-                }
-            })
+                });
+        }
+        // Unknown member, we'll register it
+        let is_active_now = update.is_active();
+
+        // Insert at the end and swap with a random position.
+        self.inner.push(update);
+        let inserted_at = self.inner.len() - 1;
+
+        let swap_idx = (0..self.inner.len())
+            .choose(&mut rng)
+            .unwrap_or(inserted_at);
+
+        self.inner.swap(swap_idx, inserted_at);
+        let (a, b) = (self.inner[swap_idx].id.addr(), self.inner[inserted_at].id.addr());
+        self.index.insert(a, swap_idx);
+        self.index.insert(b, inserted_at);
+
+        if is_active_now {
+            self.num_active = self.num_active.saturating_add(1);
+        }
+
+        ApplySummary {
+            is_active_now,
+            apply_successful: true,
+            // Registering a new active member changes the active set
+            changed_active_set: is_active_now,
+            conflict: ConflictResult::NoConflict,
+        }
     }
 }
 
