@@ -228,10 +228,11 @@ pub struct ChannelStats {
 /// What a verified certificate gives: who, and the keys shared with them.
 struct Known {
     info: Arc<CertInfo>,
-    /// MAC key of `HELLO`s between the two nodes (both directions).
-    hello_key: hmac::Key,
-    /// HKDF pseudo-random key the session keys are expanded from.
-    prk: hkdf::Prk,
+    /// MAC key of `HELLO`s between the two nodes (both directions). Kept as bytes (ring's
+    /// keys hold precomputed hash states, ~250 B each; a peer meets thousands of certificates).
+    hello_key: Zeroizing<[u8; 32]>,
+    /// HKDF-Extract output the session keys are expanded from.
+    prk: Zeroizing<[u8; 32]>,
 }
 
 struct Pending {
@@ -773,8 +774,7 @@ impl Channel {
             &lo_nonce,
             &hi_nonce,
         ];
-        known
-            .prk
+        hkdf::Prk::new_less_safe(hkdf::HKDF_SHA256, &known.prk[..])
             .expand(&info, Len(okm.len()))
             .and_then(|o| o.fill(&mut okm[..]))
             .map_err(|_| ChannelError::Local("key derivation"))?;
@@ -879,7 +879,8 @@ impl Channel {
         b.extend_from_slice(cert);
         b.extend_from_slice(&(payload.len() as u16).to_be_bytes());
         b.extend_from_slice(payload);
-        let mut ctx = hmac::Context::with_key(&known.hello_key);
+        let mut ctx =
+            hmac::Context::with_key(&hmac::Key::new(hmac::HMAC_SHA256, &known.hello_key[..]));
         ctx.update(HELLO_CONTEXT);
         ctx.update(&b);
         b.extend_from_slice(ctx.sign().as_ref());
@@ -997,7 +998,12 @@ impl Channel {
             .map_err(|e| ChannelError::Untrusted(e.to_string()))?;
         self.stats.chains_verified += 1;
         let secret = pair_secret(&self.me.scalar, &key)?;
-        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, KDF_SALT).extract(&secret[..]);
+        // HKDF-Extract (RFC 5869 §2.2): HMAC-SHA256 keyed with the salt.
+        let mut prk_bytes = Zeroizing::new([0u8; 32]);
+        prk_bytes.copy_from_slice(
+            hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, KDF_SALT), &secret[..]).as_ref(),
+        );
+        let prk = hkdf::Prk::new_less_safe(hkdf::HKDF_SHA256, &prk_bytes[..]);
         let (lo, hi) = ordered(self.me.node_id, info.node_id);
         let mut hello_key = Zeroizing::new([0u8; 32]);
         prk.expand(&[HELLO_KEY_LABEL, lo.as_bytes(), hi.as_bytes()], Len(32))
@@ -1009,8 +1015,8 @@ impl Channel {
         }
         let known = Arc::new(Known {
             info: Arc::new(info),
-            hello_key: hmac::Key::new(hmac::HMAC_SHA256, &hello_key[..]),
-            prk,
+            hello_key,
+            prk: prk_bytes,
         });
         self.certs.insert(hash, known.clone());
         Ok(known)
@@ -1105,7 +1111,8 @@ impl Channel {
         }
         let known = self.verify_cert(h.cert, unix_ms)?;
         self.check_peer(&known.info, unix_ms)?;
-        let mut ctx = hmac::Context::with_key(&known.hello_key);
+        let mut ctx =
+            hmac::Context::with_key(&hmac::Key::new(hmac::HMAC_SHA256, &known.hello_key[..]));
         ctx.update(HELLO_CONTEXT);
         ctx.update(h.authenticated);
         let tag = ctx.sign();
@@ -1791,6 +1798,27 @@ mod tests {
         let ab = pair_secret(&la.scalar, &kb).expect("ab");
         assert_eq!(*ab, *pair_secret(&lb.scalar, &ka).expect("ba"));
         assert_ne!(*ab, *pair_secret(&la.scalar, &ka).expect("aa"));
+    }
+
+    #[test]
+    fn the_stored_prk_is_hkdf_extract() {
+        let secret = [5u8; 32];
+        let mut prk = [0u8; 32];
+        prk.copy_from_slice(
+            hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, KDF_SALT), &secret).as_ref(),
+        );
+        let info: [&[u8]; 1] = [KDF_LABEL];
+        let (mut a, mut b) = ([0u8; 72], [0u8; 72]);
+        hkdf::Salt::new(hkdf::HKDF_SHA256, KDF_SALT)
+            .extract(&secret)
+            .expand(&info, Len(72))
+            .and_then(|o| o.fill(&mut a))
+            .expect("ring");
+        hkdf::Prk::new_less_safe(hkdf::HKDF_SHA256, &prk)
+            .expand(&info, Len(72))
+            .and_then(|o| o.fill(&mut b))
+            .expect("stored");
+        assert_eq!(a, b);
     }
 
     #[test]
