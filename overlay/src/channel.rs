@@ -31,7 +31,8 @@
 //! `session_lifetime` passes; at most `max_peers` peers are kept (least recently used first
 //! out).
 
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -87,6 +88,10 @@ pub const MAX_PAYLOAD: usize = MAX_PACKET - DATA_HEADER - TAG;
 const START_SKEW_MS: u64 = 1000;
 /// An `INIT` is repeated (on a send) at most this often while unanswered.
 const INIT_RETRY: Duration = Duration::from_millis(250);
+/// First retransmission of an unanswered `INIT` with payloads waiting (then doubling).
+const SETUP_RETRY: Duration = Duration::from_millis(200);
+/// Retransmissions of one `INIT` before the payloads wait for the next send.
+const SETUP_RETRIES: u8 = 3;
 
 /// Whether a UDP datagram belongs to the membership channel (not to QUIC).
 pub fn is_channel_packet(datagram: &[u8]) -> bool {
@@ -341,6 +346,8 @@ pub struct Channel {
     /// Hellos at or before this timestamp are refused (the replay cache forgot them).
     seen_floor: u64,
     out: VecDeque<(SocketAddr, Vec<u8>)>,
+    /// Retransmissions due: (when, peer, attempt). Entries are checked when they fall due.
+    retries: BinaryHeap<Reverse<(Instant, NodeId, u8)>>,
     stats: ChannelStats,
 }
 
@@ -514,6 +521,7 @@ impl Channel {
             seen_order: VecDeque::new(),
             seen_floor: 0,
             out: VecDeque::new(),
+            retries: BinaryHeap::new(),
             stats: ChannelStats::default(),
         }
     }
@@ -683,6 +691,7 @@ impl Channel {
             {
                 p.init_sent = Some(now);
                 self.init(to, addr);
+                self.retries.push(Reverse((now + SETUP_RETRY, to, 1)));
             }
         } else if self.hello_len(payload.len()) > MAX_PACKET {
             self.hello(unix_ms, to, addr, &[]);
@@ -690,6 +699,38 @@ impl Channel {
             self.hello(unix_ms, to, addr, payload);
         }
         Ok(())
+    }
+
+    /// When [`Channel::handle_timeout`] should next be called, if ever.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.retries.peek().map(|Reverse((at, _, _))| *at)
+    }
+
+    /// Retransmits the `INIT`s that are due: payloads wait behind them, and a lost `INIT` or
+    /// answer would otherwise hold them until the next send (SWIM's probe timeout is 500 ms).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some(Reverse((at, to, attempt))) = self.retries.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.retries.pop();
+            let Some(p) = self.peers.get_mut(&to) else {
+                continue;
+            };
+            if p.known.is_some() || p.queue.is_empty() {
+                // Answered (a session follows the answer), or nothing waits.
+                continue;
+            }
+            let Some(addr) = p.addr else {
+                continue;
+            };
+            p.init_sent = Some(now);
+            self.init(to, addr);
+            if attempt < SETUP_RETRIES {
+                let next = now + SETUP_RETRY * (1u32 << attempt);
+                self.retries.push(Reverse((next, to, attempt + 1)));
+            }
+        }
     }
 
     fn enqueue(&mut self, now: Instant, to: NodeId, payload: &[u8]) {
@@ -1465,6 +1506,36 @@ mod tests {
         );
         assert_eq!(p.b.stats().chains_verified, 1, "chain verified once");
         assert!(p.a.has_session(p.b_id) && p.b.has_session(p.a_id));
+    }
+
+    #[test]
+    fn a_lost_init_is_sent_again_by_the_timer() {
+        let mut p = Pair::new();
+        p.a_to_b(b"ping");
+        let (_, lost) = p.a.poll_transmit().expect("init");
+        assert_eq!(lost[2], TYPE_INIT);
+        let due = p.a.poll_timeout().expect("a retry is due");
+        assert_eq!(due, p.now + SETUP_RETRY);
+        p.a.handle_timeout(due - Duration::from_millis(1));
+        assert!(p.a.poll_transmit().is_none(), "not before it is due");
+        p.now = due;
+        p.a.handle_timeout(due);
+        let (_, at_b) = p.pump();
+        assert_eq!(at_b, vec![b"ping".to_vec()]);
+        // Answered: the next retry finds nothing to do and none is scheduled after it.
+        p.now += Duration::from_secs(1);
+        p.a.handle_timeout(p.now);
+        assert!(p.a.poll_transmit().is_none());
+        assert_eq!(p.a.poll_timeout(), None);
+        // A peer that never answers gets SETUP_RETRIES retransmissions, then none.
+        let mut q = Pair::new();
+        q.a_to_b(b"ping");
+        let mut inits = 0;
+        while let Some(at) = q.a.poll_timeout() {
+            q.a.handle_timeout(at);
+            inits += std::iter::from_fn(|| q.a.poll_transmit()).count();
+        }
+        assert_eq!(inits, 1 + usize::from(SETUP_RETRIES));
     }
 
     #[test]

@@ -1541,6 +1541,7 @@ async fn membership_actor(
     drain_membership(&inner, &mut a);
     loop {
         let next = a.timers.peek().map(|t| t.at);
+        let channel_next = a.channel.poll_timeout();
         tokio::select! {
             cmd = rx.recv() => {
                 let Some(cmd) = cmd else { break };
@@ -1568,6 +1569,10 @@ async fn membership_actor(
             p = packets.recv() => {
                 let Some((from, data)) = p else { break };
                 handle_channel_packet(&inner, &mut a, from, &data);
+            }
+            _ = tokio::time::sleep_until(channel_next.unwrap_or_else(Instant::now)), if channel_next.is_some() => {
+                a.channel.handle_timeout(Instant::now());
+                flush_channel(&inner, &mut a.channel);
             }
             _ = tokio::time::sleep_until(next.unwrap_or_else(Instant::now)), if next.is_some() => {
                 let now = Instant::now();
