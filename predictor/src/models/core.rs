@@ -72,7 +72,7 @@ const ABSENT: Hint = (NO_SLOT - 1) as u64;
 /// Generation-tagged slab hints of a client's current-context tables, `[scope][slot]`
 /// ([`NO_HINT`] = unknown, `ABSENT` = known missing), and the scope ids they were taken for
 /// (a client's group can change, or its group be recreated with a new serial). A hint is
-/// trusted without comparing keys when its scope id matches and its generation is current;
+/// trusted without comparing keys when its scope id matches and it is of the slab's current epoch;
 /// anything else falls back to a keyed lookup. An accelerator, not state: skipped by serde
 /// and by `==`, reset whenever the client's history is.
 #[derive(Debug, Clone, Copy)]
@@ -593,15 +593,17 @@ fn lookup(ctx: &Slab<CtxKey, Dist>, key: &Option<CtxKey>, miss: Hint) -> Hint {
         .map_or(miss, |s| ctx.hint(s))
 }
 
-/// The slot of `key`, following the link of entry `pos` of the table in slot `ps` (and
-/// refreshing that link after a hash lookup); `miss` if the table does not exist.
+/// The hint of `key`'s table, following the link of entry `pos` of the table in slot `ps`
+/// (links are exact while set, see [`crate::store::Entry::child`], so the child's slot is not
+/// read), or after a hash lookup that sets the link; `miss` if the table does not exist.
 #[inline(always)]
 fn follow(ctx: &mut Slab<CtxKey, Dist>, ps: u32, pos: usize, key: &CtxKey, miss: Hint) -> Hint {
     let link = ctx
         .at(ps)
         .and_then(|d| d.entries.get(pos))
         .map_or(NO_SLOT, |e| e.child);
-    if ctx.holds(link, key) {
+    if link != NO_SLOT {
+        debug_assert!(ctx.holds(link, key));
         ctx.hint(link)
     } else if let Some(found) = ctx.slot_of(key) {
         if let Some(e) = ctx.at_mut(ps).and_then(|d| d.entries.get_mut(pos)) {
@@ -658,5 +660,48 @@ mod tests {
         }
         // The cache is used, not only checked.
         assert!(cached > 10_000, "{cached}");
+    }
+
+    /// Links are followed without a key check, so they must be exact: every set link of
+    /// every live table leads to the live table of the context one order longer, through
+    /// evictions (a cap of 40 contexts) that vacate and reuse slots.
+    #[test]
+    fn links_stay_exact_through_evictions() {
+        let cfg = ModelConfig {
+            max_clients: 8,
+            max_contexts: 40,
+            idle_ttl_ms: 50_000,
+            ..ModelConfig::default()
+        };
+        let mut core: Core<()> = Core::new(&cfg, [true; 3], 0, 3);
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        let mut followed = 0;
+        for step in 0..5_000u64 {
+            let client = ClientId(next(6) as u32);
+            let at = step * 29;
+            core.touch(client, Some(GroupId(next(2) as u32)), at, || ());
+            let _ = core.learn_with(client, next(5) as u32, at, |_, _, _| {});
+            for (k, d) in core.ctx.sorted() {
+                let order = k.hist.iter().take_while(|&&h| h != NONE).count();
+                if k.scope & BAG != 0 || order >= MAX_ORDER {
+                    continue;
+                }
+                for e in d.entries.iter().filter(|e| e.child != NO_SLOT) {
+                    let mut hist = [NONE; MAX_ORDER];
+                    hist[0] = e.service;
+                    hist[1..].copy_from_slice(&k.hist[..MAX_ORDER - 1]);
+                    let child = key(k.scope, &hist, order + 1).expect("a full history");
+                    assert!(core.ctx.holds(e.child, &child), "step {step}");
+                    followed += 1;
+                }
+            }
+        }
+        assert!(followed > 1_000, "{followed}");
     }
 }
