@@ -396,12 +396,38 @@ impl<K: Copy + Eq + Hash + Ord, V: Stamped> Bounded<K, V> {
     }
 }
 
-/// One slot of a [`Slab`].
+/// Keys of a [`Slab`]: one value that is never a real key marks a vacant slot (so a slot
+/// needs no separate flag, and a context's slot fits one cache line).
+pub(crate) trait SlotKey: Copy {
+    /// The key of a vacant slot (never a real key).
+    const VACANT: Self;
+    /// Whether this is [`SlotKey::VACANT`].
+    fn is_vacant(&self) -> bool;
+}
+
+#[cfg(test)]
+impl SlotKey for u32 {
+    const VACANT: Self = u32::MAX;
+    fn is_vacant(&self) -> bool {
+        *self == u32::MAX
+    }
+}
+
+/// One slot of a [`Slab`]: live unless its key is [`SlotKey::VACANT`]. Aligned to a cache
+/// line: a context's slot (24-byte key, 40-byte table) is then exactly one line, so reading
+/// a table's statistics is one memory access, not two for the slots that straddle lines.
 #[derive(Debug, Clone)]
+#[repr(align(64))]
 struct Slot<K, V> {
     key: K,
-    live: bool,
     value: V,
+}
+
+impl<K: SlotKey, V> Slot<K, V> {
+    #[inline]
+    fn live(&self) -> bool {
+        !self.key.is_vacant()
+    }
 }
 
 /// A slot number and the slab's epoch when it was taken (`slot | epoch << 32`): valid while
@@ -432,7 +458,7 @@ pub(crate) struct Slab<K, V> {
     epoch: u32,
 }
 
-impl<K: Copy + Eq + Hash + Ord, V: Stamped + Default + Links> Slab<K, V> {
+impl<K: SlotKey + Eq + Hash + Ord, V: Stamped + Default + Links> Slab<K, V> {
     pub fn new(cap: usize, ttl_ms: u64) -> Self {
         Self {
             index: FxHashMap::default(),
@@ -456,7 +482,7 @@ impl<K: Copy + Eq + Hash + Ord, V: Stamped + Default + Links> Slab<K, V> {
     /// to it.
     #[inline]
     pub fn hint(&self, slot: u32) -> Hint {
-        debug_assert!(self.slots.get(slot as usize).is_some_and(|s| s.live));
+        debug_assert!(self.slots.get(slot as usize).is_some_and(|s| s.live()));
         u64::from(slot) | u64::from(self.epoch) << 32
     }
 
@@ -475,7 +501,7 @@ impl<K: Copy + Eq + Hash + Ord, V: Stamped + Default + Links> Slab<K, V> {
     pub fn check(&self, hint: Hint) -> Option<u32> {
         let slot = hint as u32;
         (self.current(hint) && (slot as usize) < self.slots.len()).then(|| {
-            debug_assert!(self.slots[slot as usize].live);
+            debug_assert!(self.slots[slot as usize].live());
             slot
         })
     }
@@ -487,7 +513,7 @@ impl<K: Copy + Eq + Hash + Ord, V: Stamped + Default + Links> Slab<K, V> {
             return None;
         }
         self.slots.get(hint as u32 as usize).map(|s| {
-            debug_assert!(s.live);
+            debug_assert!(s.live());
             &s.value
         })
     }
@@ -497,7 +523,7 @@ impl<K: Copy + Eq + Hash + Ord, V: Stamped + Default + Links> Slab<K, V> {
     pub fn holds(&self, slot: u32, key: &K) -> bool {
         self.slots
             .get(slot as usize)
-            .is_some_and(|s| s.live && s.key == *key)
+            .is_some_and(|s| s.live() && s.key == *key)
     }
 
     /// `hint` if it holds `key`, else the slot found by a hash lookup.
@@ -515,7 +541,7 @@ impl<K: Copy + Eq + Hash + Ord, V: Stamped + Default + Links> Slab<K, V> {
     #[cfg(test)]
     pub fn get_hinted(&self, hint: u32, key: &K) -> Option<&V> {
         match self.slots.get(hint as usize) {
-            Some(s) if s.live && s.key == *key => Some(&s.value),
+            Some(s) if s.live() && s.key == *key => Some(&s.value),
             _ => self.slot_of(key).and_then(|s| self.at(s)),
         }
     }
@@ -525,7 +551,7 @@ impl<K: Copy + Eq + Hash + Ord, V: Stamped + Default + Links> Slab<K, V> {
     pub fn at(&self, slot: u32) -> Option<&V> {
         self.slots
             .get(slot as usize)
-            .filter(|s| s.live)
+            .filter(|s| s.live())
             .map(|s| &s.value)
     }
 
@@ -534,7 +560,7 @@ impl<K: Copy + Eq + Hash + Ord, V: Stamped + Default + Links> Slab<K, V> {
     pub fn at_mut(&mut self, slot: u32) -> Option<&mut V> {
         self.slots
             .get_mut(slot as usize)
-            .filter(|s| s.live)
+            .filter(|s| s.live())
             .map(|s| &mut s.value)
     }
 
@@ -545,6 +571,7 @@ impl<K: Copy + Eq + Hash + Ord, V: Stamped + Default + Links> Slab<K, V> {
     /// The slot of `key`, created (evicting first if the table is full) with a default value if
     /// new. Returns whether it was created.
     pub fn upsert(&mut self, key: K, now: u64) -> (u32, bool) {
+        debug_assert!(!key.is_vacant());
         if let Some(&slot) = self.index.get(&key) {
             return (slot, false);
         }
@@ -555,13 +582,11 @@ impl<K: Copy + Eq + Hash + Ord, V: Stamped + Default + Links> Slab<K, V> {
             Some(slot) => {
                 let s = &mut self.slots[slot as usize];
                 s.key = key;
-                s.live = true;
                 slot
             }
             None => {
                 self.slots.push(Slot {
                     key,
-                    live: true,
                     value: V::default(),
                 });
                 // The cap keeps the slot count below `NO_SLOT`.
@@ -576,10 +601,10 @@ impl<K: Copy + Eq + Hash + Ord, V: Stamped + Default + Links> Slab<K, V> {
     /// ([`Slab::unlink_vacated`]) before any is followed.
     fn vacate(&mut self, slot: u32) {
         let s = &mut self.slots[slot as usize];
-        if s.live {
-            s.live = false;
+        if s.live() {
             s.value = V::default();
             self.index.remove(&s.key);
+            s.key = K::VACANT;
             self.free.push(slot);
             self.epoch = self.epoch.saturating_add(1);
         }
@@ -587,9 +612,9 @@ impl<K: Copy + Eq + Hash + Ord, V: Stamped + Default + Links> Slab<K, V> {
 
     /// Clears every live value's links to vacated slots (once per eviction batch: O(entries)).
     fn unlink_vacated(&mut self) {
-        let live: Vec<bool> = self.slots.iter().map(|s| s.live).collect();
+        let live: Vec<bool> = self.slots.iter().map(Slot::live).collect();
         let dead = |slot: u32| !live.get(slot as usize).copied().unwrap_or(false);
-        for s in self.slots.iter_mut().filter(|s| s.live) {
+        for s in self.slots.iter_mut().filter(|s| s.live()) {
             s.value.unlink(&dead);
         }
     }
@@ -601,7 +626,7 @@ impl<K: Copy + Eq + Hash + Ord, V: Stamped + Default + Links> Slab<K, V> {
         let idle: Vec<u32> = (0..self.slots.len() as u32)
             .filter(|&i| {
                 let s = &self.slots[i as usize];
-                s.live && now.saturating_sub(s.value.last_at()) > ttl
+                s.live() && now.saturating_sub(s.value.last_at()) > ttl
             })
             .collect();
         for slot in idle {
@@ -612,7 +637,7 @@ impl<K: Copy + Eq + Hash + Ord, V: Stamped + Default + Links> Slab<K, V> {
             let mut ages: Vec<(u64, K, u32)> = (0..self.slots.len() as u32)
                 .filter_map(|i| {
                     let s = &self.slots[i as usize];
-                    s.live.then(|| (s.value.last_at(), s.key, i))
+                    s.live().then(|| (s.value.last_at(), s.key, i))
                 })
                 .collect();
             let excess = self.index.len() - low;
@@ -633,7 +658,7 @@ impl<K: Copy + Eq + Hash + Ord, V: Stamped + Default + Links> Slab<K, V> {
     pub fn values_mut(&mut self) -> impl Iterator<Item = &mut V> {
         self.slots
             .iter_mut()
-            .filter(|s| s.live)
+            .filter(|s| s.live())
             .map(|s| &mut s.value)
     }
 
@@ -642,7 +667,7 @@ impl<K: Copy + Eq + Hash + Ord, V: Stamped + Default + Links> Slab<K, V> {
         let mut v: Vec<(K, &V)> = self
             .slots
             .iter()
-            .filter(|s| s.live)
+            .filter(|s| s.live())
             .map(|s| (s.key, &s.value))
             .collect();
         v.sort_unstable_by_key(|e| e.0);
@@ -656,17 +681,14 @@ impl<K: Copy + Eq + Hash + Ord, V: Stamped + Default + Links> Slab<K, V> {
         let n = entries.len().min(b.cap);
         b.index.reserve(n);
         b.slots.reserve(n);
-        for (k, v) in entries.into_iter().take(b.cap) {
+        // A vacant-marker key is never a real one (only a corrupted snapshot holds one).
+        for (k, v) in entries.into_iter().filter(|e| !e.0.is_vacant()).take(b.cap) {
             if let Some(&slot) = b.index.get(&k) {
                 b.slots[slot as usize].value = v;
                 continue;
             }
             b.index.insert(k, b.slots.len() as u32);
-            b.slots.push(Slot {
-                key: k,
-                live: true,
-                value: v,
-            });
+            b.slots.push(Slot { key: k, value: v });
         }
         b
     }
@@ -679,7 +701,7 @@ impl<K: Copy + Eq + Hash + Ord, V: Stamped + Default + Links> Slab<K, V> {
             + self
                 .slots
                 .iter()
-                .filter(|s| s.live)
+                .filter(|s| s.live())
                 .map(|s| heap(&s.value))
                 .sum::<usize>()
     }
@@ -913,6 +935,17 @@ mod tests {
         let h = s.hint(slot);
         assert_eq!(s.check(h), None);
         assert_eq!(s.at_hint(h), None);
+    }
+
+    /// A vacant slot is marked by its key: a snapshot holding that key (only a corrupted
+    /// one can) must not create a slot that is indexed but counts as vacant.
+    #[test]
+    fn slab_restore_drops_the_vacant_marker_key() {
+        let s: Slab<u32, u64> =
+            Slab::from_entries(8, u64::MAX, vec![(1, 5), (u32::MAX, 6), (2, 7)]);
+        assert_eq!(s.index.len(), 2);
+        assert_eq!(s.slot_of(&u32::MAX), None);
+        assert_eq!(s.sorted(), vec![(1, &5), (2, &7)]);
     }
 
     #[test]

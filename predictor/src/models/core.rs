@@ -21,7 +21,7 @@ use std::hash::{Hash, Hasher};
 use serde::{Deserialize, Serialize};
 
 use crate::models::ModelConfig;
-use crate::store::{Bounded, Decay, Dist, Hint, Slab, Stamped, NONE, NO_HINT, NO_SLOT};
+use crate::store::{Bounded, Decay, Dist, Hint, Slab, SlotKey, Stamped, NONE, NO_HINT, NO_SLOT};
 use crate::{ClientId, GroupId};
 
 /// Scope index: the client's own contexts.
@@ -59,6 +59,18 @@ impl Hash for CtxKey {
         state.write_u64(self.scope);
         state.write_u64(u64::from(h[0]) | u64::from(h[1]) << 32);
         state.write_u64(u64::from(h[2]) | u64::from(h[3]) << 32);
+    }
+}
+
+impl SlotKey for CtxKey {
+    /// Scope 0: every real scope carries one of the `TAG_*` bits.
+    const VACANT: Self = CtxKey {
+        scope: 0,
+        hist: [NONE; MAX_ORDER],
+    };
+    #[inline]
+    fn is_vacant(&self) -> bool {
+        self.scope == 0
     }
 }
 
