@@ -456,6 +456,9 @@ pub(crate) struct Slab<K, V> {
     /// `u32::MAX`, from where no hint matches (every use is a keyed lookup: still correct, and
     /// only after 2^32 - 1 eviction batches).
     epoch: u32,
+    /// `epoch << 32`, the high half of every current hint; `u64::MAX` (which no masked hint
+    /// equals) once the epoch has saturated.
+    tag: u64,
 }
 
 impl<K: SlotKey + Eq + Hash + Ord, V: Stamped + Default + Links> Slab<K, V> {
@@ -468,6 +471,7 @@ impl<K: SlotKey + Eq + Hash + Ord, V: Stamped + Default + Links> Slab<K, V> {
             cap: cap.clamp(4, NO_SLOT as usize - 1),
             ttl_ms,
             epoch: 0,
+            tag: 0,
         }
     }
 
@@ -483,13 +487,13 @@ impl<K: SlotKey + Eq + Hash + Ord, V: Stamped + Default + Links> Slab<K, V> {
     #[inline]
     pub fn hint(&self, slot: u32) -> Hint {
         debug_assert!(self.slots.get(slot as usize).is_some_and(|s| s.live()));
-        u64::from(slot) | u64::from(self.epoch) << 32
+        u64::from(slot) | self.tag
     }
 
     /// Whether `hint` was taken at the current epoch (and the epoch has not saturated).
     #[inline]
     fn current(&self, hint: Hint) -> bool {
-        (hint >> 32) as u32 == self.epoch && self.epoch != u32::MAX
+        hint & 0xFFFF_FFFF_0000_0000 == self.tag
     }
 
     /// The slot of `hint` if it still holds the key it held when the hint was taken (no key
@@ -606,8 +610,17 @@ impl<K: SlotKey + Eq + Hash + Ord, V: Stamped + Default + Links> Slab<K, V> {
             self.index.remove(&s.key);
             s.key = K::VACANT;
             self.free.push(slot);
-            self.epoch = self.epoch.saturating_add(1);
+            self.set_epoch(self.epoch.saturating_add(1));
         }
+    }
+
+    fn set_epoch(&mut self, epoch: u32) {
+        self.epoch = epoch;
+        self.tag = if epoch == u32::MAX {
+            u64::MAX
+        } else {
+            u64::from(epoch) << 32
+        };
     }
 
     /// Clears every live value's links to vacated slots (once per eviction batch: O(entries)).
@@ -931,7 +944,7 @@ mod tests {
         assert_eq!(s.check(NO_HINT), None);
         // A saturated epoch matches no hint (keyed lookups from then on).
         let (slot, _) = s.upsert(1_000, 0);
-        s.epoch = u32::MAX;
+        s.set_epoch(u32::MAX);
         let h = s.hint(slot);
         assert_eq!(s.check(h), None);
         assert_eq!(s.at_hint(h), None);
