@@ -559,16 +559,14 @@ impl Blend {
         let first = events == 0;
         let gap = (!first).then(|| at.0.saturating_sub(last_at));
         let mut stats = [[(0.0f32, 0.0f32); SLOTS]; 3];
-        // `counts[slot][e]`: the count of table `slot` of expert `e`'s scope (lanes as the
-        // experts' weights).
-        let mut counts = [[0.0f32; LANES]; SLOTS];
+        let mut counts = [[0.0f32; SLOTS]; 3];
         let (his, lo, p) = (self.core.his, self.low(), self.params);
         // The client's entry as `learn_with` leaves it (no second lookup for its skill).
         let client = self
             .core
             .learn_with(client, service.0, at.0, |s, slot, pre| {
                 stats[s][slot] = (pre.total, pre.distinct);
-                counts[slot][3 * s..3 * s + 3].fill(pre.count);
+                counts[s][slot] = pre.count;
             });
         let mut own_ex;
         let ex = match self.memo.0.get_mut() {
@@ -582,12 +580,20 @@ impl Blend {
         // Each expert's probability of the service, `Σ_slot w[slot][e] · count[slot]` summed
         // in slot order (as `Iterator::sum`, from -0.0), all experts at once (whole lanes).
         let mut probs = [-0.0f32; LANES];
-        for (w, c) in ex.w.iter().zip(&counts) {
+        for (slot, w) in ex.w.iter().enumerate() {
+            // The count of table `slot` of each expert's scope, in the experts' lanes.
+            let c: [f32; LANES] = std::array::from_fn(|e| {
+                if e < EXPERTS {
+                    counts[e / 3][slot]
+                } else {
+                    0.0
+                }
+            });
             for e in 0..LANES {
                 probs[e] += w[e] * c[e];
             }
         }
-        let repeat = (!first).then_some(counts[0][3 * CLIENT] > 0.0);
+        let repeat = (!first).then_some(counts[CLIENT][0] > 0.0);
         // The model-wide skill is the prior of new clients. Its repeat rate is learned from
         // every request; its mixture weights only if `learn_prior_weights` (a second
         // exponentiated-gradient step per event): otherwise a new client starts from equal
