@@ -559,8 +559,27 @@ impl<K: SlotKey + Eq + Hash + Ord, V: Stamped + Default + Links> Slab<K, V> {
             .map(|s| &s.value)
     }
 
-    /// The value in `slot`, if live.
+    /// The value in `slot`, known live (the slot of a current hint, or just upserted): no
+    /// live check, only the bounds check (`None` out of bounds).
     #[inline]
+    pub fn live_mut(&mut self, slot: u32) -> Option<&mut V> {
+        self.slots.get_mut(slot as usize).map(|s| {
+            debug_assert!(s.live());
+            &mut s.value
+        })
+    }
+
+    /// The value in `slot`, known live (see [`Slab::live_mut`]).
+    #[inline]
+    pub fn live_ref(&self, slot: u32) -> Option<&V> {
+        self.slots.get(slot as usize).map(|s| {
+            debug_assert!(s.live());
+            &s.value
+        })
+    }
+
+    /// The value in `slot`, if live.
+    #[cfg(test)]
     pub fn at_mut(&mut self, slot: u32) -> Option<&mut V> {
         self.slots
             .get_mut(slot as usize)

@@ -389,7 +389,8 @@ impl<X: Clone> Core<X> {
                         self.ctx.upsert(key, at).0
                     }
                 };
-                let Some(dist) = self.ctx.at_mut(s) else {
+                // Live: a current hint's slot, or just upserted.
+                let Some(dist) = self.ctx.live_mut(s) else {
                     continue;
                 };
                 let (total, distinct) = (dist.total, dist.entries.len() as f32);
@@ -581,12 +582,14 @@ fn next_handles(
             };
             continue;
         }
-        let Some(key) = key(id, hist, order) else {
+        if hist[order - 1] == NONE {
             continue;
-        };
+        }
+        // The key is only built when there is no link to follow.
+        let key = || key(id, hist, order).expect("hist[order - 1] checked above");
         out[order] = match live(ctx, order - 1) {
-            Some((ps, pos)) => follow(ctx, ps, pos, &key, miss),
-            None => lookup(ctx, &Some(key), miss),
+            Some((ps, pos)) => follow(ctx, ps, pos, key, miss),
+            None => lookup(ctx, &Some(key()), miss),
         };
     }
     if bag {
@@ -609,16 +612,23 @@ fn lookup(ctx: &Slab<CtxKey, Dist>, key: &Option<CtxKey>, miss: Hint) -> Hint {
 /// (links are exact while set, see [`crate::store::Entry::child`], so the child's slot is not
 /// read), or after a hash lookup that sets the link; `miss` if the table does not exist.
 #[inline(always)]
-fn follow(ctx: &mut Slab<CtxKey, Dist>, ps: u32, pos: usize, key: &CtxKey, miss: Hint) -> Hint {
+fn follow(
+    ctx: &mut Slab<CtxKey, Dist>,
+    ps: u32,
+    pos: usize,
+    key: impl Fn() -> CtxKey,
+    miss: Hint,
+) -> Hint {
+    // `ps` is the slot of a current hint (see `next_handles`).
     let link = ctx
-        .at(ps)
+        .live_ref(ps)
         .and_then(|d| d.entries.get(pos))
         .map_or(NO_SLOT, |e| e.child);
     if link != NO_SLOT {
-        debug_assert!(ctx.holds(link, key));
+        debug_assert!(ctx.holds(link, &key()));
         ctx.hint(link)
-    } else if let Some(found) = ctx.slot_of(key) {
-        if let Some(e) = ctx.at_mut(ps).and_then(|d| d.entries.get_mut(pos)) {
+    } else if let Some(found) = ctx.slot_of(&key()) {
+        if let Some(e) = ctx.live_mut(ps).and_then(|d| d.entries.get_mut(pos)) {
             e.child = found;
         }
         ctx.hint(found)
