@@ -554,20 +554,24 @@ impl Blend {
         service: ServiceId,
         at: Millis,
     ) {
-        let prior = &self.global;
-        let (events, last_at) = self.core.touch(client, group, at.0, || prior.clone());
-        let first = events == 0;
-        let gap = (!first).then(|| at.0.saturating_sub(last_at));
         let mut stats = [[(0.0f32, 0.0f32); SLOTS]; 3];
         let mut counts = [[0.0f32; SLOTS]; 3];
         let (his, lo, p) = (self.core.his, self.low(), self.params);
-        // The client's entry as `learn_with` leaves it (no second lookup for its skill).
-        let client = self
-            .core
-            .learn_with(client, service.0, at.0, |s, slot, pre| {
+        let prior = &self.global;
+        // One client lookup for `touch` and the update; the client's entry as the update
+        // leaves it (no further lookup for its skill).
+        let ((events, last_at), c) = self.core.touch_learn(
+            client,
+            group,
+            (service.0, at.0),
+            || prior.clone(),
+            |s, slot, pre| {
                 stats[s][slot] = (pre.total, pre.distinct);
                 counts[s][slot] = pre.count;
-            });
+            },
+        );
+        let first = events == 0;
+        let gap = (!first).then(|| at.0.saturating_sub(last_at));
         let mut own_ex;
         let ex = match self.memo.0.get_mut() {
             Ok(s) => &mut s.memo,
@@ -603,10 +607,8 @@ impl Blend {
         } else if let Some(r) = repeat {
             self.global.rho += p.repeat_alpha * (f32::from(u8::from(r)) - self.global.rho);
         }
-        if let Some(c) = client {
-            Self::update_skill(&mut c.ext, &p, &probs, &ex.mask, repeat);
-            c.ext.note_use(service.0, at.0, gap);
-        }
+        Self::update_skill(&mut c.ext, &p, &probs, &ex.mask, repeat);
+        c.ext.note_use(service.0, at.0, gap);
     }
 
     fn predict_next_into(&self, client: ClientId, at: Millis, k: usize, out: &mut Vec<Prediction>) {
