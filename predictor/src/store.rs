@@ -440,8 +440,9 @@ pub(crate) type Hint = u64;
 pub(crate) const NO_HINT: Hint = u64::MAX;
 
 /// A [`Bounded`] table whose values live in a slab, so that callers can keep a value's slot
-/// number as a handle and skip the hash lookup next time. A handle is only a hint: [`Slab::holds`]
-/// checks that the slot still holds the expected key (slots are reused after eviction).
+/// number as a handle and skip the hash lookup next time. A handle is only a hint, valid while
+/// its epoch is current ([`Hint`], [`Slab::check`]); slots are reused after eviction, and links
+/// to vacated slots are cleared ([`Links`]).
 ///
 /// Same cap, TTL and eviction policy as [`Bounded`] (the evicted set does not depend on slot
 /// order); slots are allocated from a free list, so the same operations give the same slots.

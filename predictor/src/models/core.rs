@@ -13,8 +13,9 @@
 //! context's tables ([`Handles`]), so `predict` and the next `observe` use them without hashing.
 //! After an update, the next context of order `n + 1` is found by following the link kept in the
 //! order-`n` table's entry for the service just seen ([`crate::store::Entry::child`]); a hash
-//! lookup is only needed the first time. Handles and links are hints, checked against the key
-//! before use, never serialized, and never change a result.
+//! lookup is only needed the first time. Handles are hints checked against the slab's epoch
+//! before use, links are kept exact by the slab (cleared when their slot is vacated); neither
+//! is serialized, and neither changes a result.
 
 use std::hash::{Hash, Hasher};
 
