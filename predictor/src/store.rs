@@ -33,8 +33,9 @@ pub(crate) struct Entry {
     /// Moving average of the time from the context's last event to this service, ms.
     pub delay_ms: f32,
     /// Accelerator, not state (never serialized): [`Slab`] slot of the context one order
-    /// longer that this service leads to, [`NO_SLOT`] if not known. Only a hint: whoever follows
-    /// it checks that the slot still holds the expected key.
+    /// longer that this service leads to, [`NO_SLOT`] if not known. Exact while set: the slab
+    /// clears every link to a slot it vacates ([`Links`]), so a link is followed without
+    /// reading the child's slot or comparing keys.
     #[serde(skip, default = "no_slot")]
     pub child: u32,
 }
@@ -267,6 +268,28 @@ pub(crate) trait Stamped {
     fn last_at(&self) -> u64;
 }
 
+/// Values of a [`Slab`] that hold links to other slots ([`Entry::child`]): when the slab
+/// vacates slots, it has every live value drop its links to them.
+pub(crate) trait Links {
+    /// Clears every link to a slot for which `dead` is true (default: the value has none).
+    fn unlink(&mut self, dead: &dyn Fn(u32) -> bool) {
+        let _ = dead;
+    }
+}
+
+impl Links for Dist {
+    fn unlink(&mut self, dead: &dyn Fn(u32) -> bool) {
+        for e in &mut self.entries {
+            if e.child != NO_SLOT && dead(e.child) {
+                e.child = NO_SLOT;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+impl Links for u64 {}
+
 impl Stamped for Dist {
     fn last_at(&self) -> u64 {
         self.last_at
@@ -373,28 +396,53 @@ impl<K: Copy + Eq + Hash + Ord, V: Stamped> Bounded<K, V> {
     }
 }
 
-/// One slot of a [`Slab`].
+/// Keys of a [`Slab`]: one value that is never a real key marks a vacant slot (so a slot
+/// needs no separate flag, and a context's slot fits one cache line).
+pub(crate) trait SlotKey: Copy {
+    /// The key of a vacant slot (never a real key).
+    const VACANT: Self;
+    /// Whether this is [`SlotKey::VACANT`].
+    fn is_vacant(&self) -> bool;
+}
+
+#[cfg(test)]
+impl SlotKey for u32 {
+    const VACANT: Self = u32::MAX;
+    fn is_vacant(&self) -> bool {
+        *self == u32::MAX
+    }
+}
+
+/// One slot of a [`Slab`]: live unless its key is [`SlotKey::VACANT`]. Aligned to a cache
+/// line: a context's slot (24-byte key, 40-byte table) is then exactly one line, so reading
+/// a table's statistics is one memory access, not two for the slots that straddle lines.
 #[derive(Debug, Clone)]
+#[repr(align(64))]
 struct Slot<K, V> {
     key: K,
-    live: bool,
-    /// Incremented whenever the slot is vacated, so a [`Hint`] taken earlier no longer matches.
-    /// A slot whose generation reaches `u32::MAX` is retired (never reused), so a generation is
-    /// never repeated in a slot.
-    gen: u32,
     value: V,
 }
 
-/// A slot number and its generation when it was taken (`slot | gen << 32`): valid exactly as
-/// long as the slot holds the same key, checked without comparing keys ([`Slab::check`]).
+impl<K: SlotKey, V> Slot<K, V> {
+    #[inline]
+    fn live(&self) -> bool {
+        !self.key.is_vacant()
+    }
+}
+
+/// A slot number and the slab's epoch when it was taken (`slot | epoch << 32`): valid while
+/// the slab has vacated no slot since ([`Slab::check`], no read of the slot, no key
+/// comparison). Eviction batches are rare (one per quarter of the cap of new contexts), and
+/// after one every hint falls back to a keyed lookup once.
 pub(crate) type Hint = u64;
 
 /// A hint that never matches.
 pub(crate) const NO_HINT: Hint = u64::MAX;
 
 /// A [`Bounded`] table whose values live in a slab, so that callers can keep a value's slot
-/// number as a handle and skip the hash lookup next time. A handle is only a hint: [`Slab::holds`]
-/// checks that the slot still holds the expected key (slots are reused after eviction).
+/// number as a handle and skip the hash lookup next time. A handle is only a hint, valid while
+/// its epoch is current ([`Hint`], [`Slab::check`]); slots are reused after eviction, and links
+/// to vacated slots are cleared ([`Links`]).
 ///
 /// Same cap, TTL and eviction policy as [`Bounded`] (the evicted set does not depend on slot
 /// order); slots are allocated from a free list, so the same operations give the same slots.
@@ -405,9 +453,16 @@ pub(crate) struct Slab<K, V> {
     free: Vec<u32>,
     cap: usize,
     ttl_ms: u64,
+    /// Moves on whenever a slot is vacated, so hints taken earlier stop matching; saturates at
+    /// `u32::MAX`, from where no hint matches (every use is a keyed lookup: still correct, and
+    /// only after 2^32 - 1 eviction batches).
+    epoch: u32,
+    /// `epoch << 32`, the high half of every current hint; `u64::MAX` (which no masked hint
+    /// equals) once the epoch has saturated.
+    tag: u64,
 }
 
-impl<K: Copy + Eq + Hash + Ord, V: Stamped + Default> Slab<K, V> {
+impl<K: SlotKey + Eq + Hash + Ord, V: Stamped + Default + Links> Slab<K, V> {
     pub fn new(cap: usize, ttl_ms: u64) -> Self {
         Self {
             index: FxHashMap::default(),
@@ -416,6 +471,8 @@ impl<K: Copy + Eq + Hash + Ord, V: Stamped + Default> Slab<K, V> {
             // Slot numbers are u32 with `NO_SLOT` reserved.
             cap: cap.clamp(4, NO_SLOT as usize - 1),
             ttl_ms,
+            epoch: 0,
+            tag: 0,
         }
     }
 
@@ -425,53 +482,53 @@ impl<K: Copy + Eq + Hash + Ord, V: Stamped + Default> Slab<K, V> {
         self.index.get(key).copied()
     }
 
-    /// The hint for `slot` (its current generation), [`NO_HINT`] if there is no such slot.
-    /// Only for live slots (see [`Slab::check`]): every caller has just found `slot` live.
+    /// The hint for `slot` at the current epoch (the slot is not read). Only for live slots
+    /// (see [`Slab::check`]): every caller has just found `slot` live, or holds an exact link
+    /// to it.
     #[inline]
     pub fn hint(&self, slot: u32) -> Hint {
-        self.slots.get(slot as usize).map_or(NO_HINT, |s| {
-            debug_assert!(s.live);
-            u64::from(slot) | u64::from(s.gen) << 32
-        })
+        debug_assert!(self.slots.get(slot as usize).is_some_and(|s| s.live()));
+        u64::from(slot) | self.tag
+    }
+
+    /// Whether `hint` was taken at the current epoch (and the epoch has not saturated).
+    #[inline]
+    fn current(&self, hint: Hint) -> bool {
+        hint & 0xFFFF_FFFF_0000_0000 == self.tag
     }
 
     /// The slot of `hint` if it still holds the key it held when the hint was taken (no key
-    /// comparison, no hash lookup).
+    /// comparison, no hash lookup, no read of the slot).
     ///
-    /// The generation alone decides: hints are only taken of live slots, and vacating a slot
-    /// moves its generation on (a retired slot is never live again), so a matching
-    /// generation implies a live slot.
+    /// The epoch alone decides: hints are only taken of live slots, and vacating a slot
+    /// moves the epoch on, so a hint of the current epoch is of a live slot with its key.
     #[inline]
     pub fn check(&self, hint: Hint) -> Option<u32> {
         let slot = hint as u32;
-        self.slots
-            .get(slot as usize)
-            .filter(|s| u64::from(s.gen) == hint >> 32)
-            .map(|s| {
-                debug_assert!(s.live);
-                slot
-            })
+        (self.current(hint) && (slot as usize) < self.slots.len()).then(|| {
+            debug_assert!(self.slots[slot as usize].live());
+            slot
+        })
     }
 
     /// The value for `hint`, if still valid (see [`Slab::check`]).
     #[inline]
     pub fn at_hint(&self, hint: Hint) -> Option<&V> {
-        let slot = hint as u32;
-        self.slots
-            .get(slot as usize)
-            .filter(|s| u64::from(s.gen) == hint >> 32)
-            .map(|s| {
-                debug_assert!(s.live);
-                &s.value
-            })
+        if !self.current(hint) {
+            return None;
+        }
+        self.slots.get(hint as u32 as usize).map(|s| {
+            debug_assert!(s.live());
+            &s.value
+        })
     }
 
-    /// Whether `slot` holds `key` (no hash lookup).
+    /// Whether `slot` holds `key` (no hash lookup; for debug assertions and tests).
     #[inline]
     pub fn holds(&self, slot: u32, key: &K) -> bool {
         self.slots
             .get(slot as usize)
-            .is_some_and(|s| s.live && s.key == *key)
+            .is_some_and(|s| s.live() && s.key == *key)
     }
 
     /// `hint` if it holds `key`, else the slot found by a hash lookup.
@@ -489,7 +546,7 @@ impl<K: Copy + Eq + Hash + Ord, V: Stamped + Default> Slab<K, V> {
     #[cfg(test)]
     pub fn get_hinted(&self, hint: u32, key: &K) -> Option<&V> {
         match self.slots.get(hint as usize) {
-            Some(s) if s.live && s.key == *key => Some(&s.value),
+            Some(s) if s.live() && s.key == *key => Some(&s.value),
             _ => self.slot_of(key).and_then(|s| self.at(s)),
         }
     }
@@ -499,16 +556,35 @@ impl<K: Copy + Eq + Hash + Ord, V: Stamped + Default> Slab<K, V> {
     pub fn at(&self, slot: u32) -> Option<&V> {
         self.slots
             .get(slot as usize)
-            .filter(|s| s.live)
+            .filter(|s| s.live())
             .map(|s| &s.value)
     }
 
-    /// The value in `slot`, if live.
+    /// The value in `slot`, known live (the slot of a current hint, or just upserted): no
+    /// live check, only the bounds check (`None` out of bounds).
     #[inline]
+    pub fn live_mut(&mut self, slot: u32) -> Option<&mut V> {
+        self.slots.get_mut(slot as usize).map(|s| {
+            debug_assert!(s.live());
+            &mut s.value
+        })
+    }
+
+    /// The value in `slot`, known live (see [`Slab::live_mut`]).
+    #[inline]
+    pub fn live_ref(&self, slot: u32) -> Option<&V> {
+        self.slots.get(slot as usize).map(|s| {
+            debug_assert!(s.live());
+            &s.value
+        })
+    }
+
+    /// The value in `slot`, if live.
+    #[cfg(test)]
     pub fn at_mut(&mut self, slot: u32) -> Option<&mut V> {
         self.slots
             .get_mut(slot as usize)
-            .filter(|s| s.live)
+            .filter(|s| s.live())
             .map(|s| &mut s.value)
     }
 
@@ -519,6 +595,7 @@ impl<K: Copy + Eq + Hash + Ord, V: Stamped + Default> Slab<K, V> {
     /// The slot of `key`, created (evicting first if the table is full) with a default value if
     /// new. Returns whether it was created.
     pub fn upsert(&mut self, key: K, now: u64) -> (u32, bool) {
+        debug_assert!(!key.is_vacant());
         if let Some(&slot) = self.index.get(&key) {
             return (slot, false);
         }
@@ -529,14 +606,11 @@ impl<K: Copy + Eq + Hash + Ord, V: Stamped + Default> Slab<K, V> {
             Some(slot) => {
                 let s = &mut self.slots[slot as usize];
                 s.key = key;
-                s.live = true;
                 slot
             }
             None => {
                 self.slots.push(Slot {
                     key,
-                    live: true,
-                    gen: 0,
                     value: V::default(),
                 });
                 // The cap keeps the slot count below `NO_SLOT`.
@@ -547,29 +621,45 @@ impl<K: Copy + Eq + Hash + Ord, V: Stamped + Default> Slab<K, V> {
         (slot, true)
     }
 
+    /// Frees `slot` (if live) and moves the epoch on; links to it must then be cleared
+    /// ([`Slab::unlink_vacated`]) before any is followed.
     fn vacate(&mut self, slot: u32) {
         let s = &mut self.slots[slot as usize];
-        if s.live {
-            s.live = false;
+        if s.live() {
             s.value = V::default();
-            s.gen = s.gen.saturating_add(1);
             self.index.remove(&s.key);
-            // Retired after 2^32 - 1 reuses (one slot per 4 billion evictions of it), so no
-            // generation repeats.
-            if s.gen != u32::MAX {
-                self.free.push(slot);
-            }
+            s.key = K::VACANT;
+            self.free.push(slot);
+            self.set_epoch(self.epoch.saturating_add(1));
+        }
+    }
+
+    fn set_epoch(&mut self, epoch: u32) {
+        self.epoch = epoch;
+        self.tag = if epoch == u32::MAX {
+            u64::MAX
+        } else {
+            u64::from(epoch) << 32
+        };
+    }
+
+    /// Clears every live value's links to vacated slots (once per eviction batch: O(entries)).
+    fn unlink_vacated(&mut self) {
+        let live: Vec<bool> = self.slots.iter().map(Slot::live).collect();
+        let dead = |slot: u32| !live.get(slot as usize).copied().unwrap_or(false);
+        for s in self.slots.iter_mut().filter(|s| s.live()) {
+            s.value.unlink(&dead);
         }
     }
 
     /// Batch eviction: idle values first, then the least recently seen down to 3/4 of the cap
     /// (the same policy as [`Bounded::evict`]).
     pub fn evict(&mut self, now: u64) {
-        let ttl = self.ttl_ms;
+        let (ttl, before) = (self.ttl_ms, self.index.len());
         let idle: Vec<u32> = (0..self.slots.len() as u32)
             .filter(|&i| {
                 let s = &self.slots[i as usize];
-                s.live && now.saturating_sub(s.value.last_at()) > ttl
+                s.live() && now.saturating_sub(s.value.last_at()) > ttl
             })
             .collect();
         for slot in idle {
@@ -580,7 +670,7 @@ impl<K: Copy + Eq + Hash + Ord, V: Stamped + Default> Slab<K, V> {
             let mut ages: Vec<(u64, K, u32)> = (0..self.slots.len() as u32)
                 .filter_map(|i| {
                     let s = &self.slots[i as usize];
-                    s.live.then(|| (s.value.last_at(), s.key, i))
+                    s.live().then(|| (s.value.last_at(), s.key, i))
                 })
                 .collect();
             let excess = self.index.len() - low;
@@ -593,12 +683,15 @@ impl<K: Copy + Eq + Hash + Ord, V: Stamped + Default> Slab<K, V> {
                 self.vacate(slot);
             }
         }
+        if self.index.len() != before {
+            self.unlink_vacated();
+        }
     }
 
     pub fn values_mut(&mut self) -> impl Iterator<Item = &mut V> {
         self.slots
             .iter_mut()
-            .filter(|s| s.live)
+            .filter(|s| s.live())
             .map(|s| &mut s.value)
     }
 
@@ -607,7 +700,7 @@ impl<K: Copy + Eq + Hash + Ord, V: Stamped + Default> Slab<K, V> {
         let mut v: Vec<(K, &V)> = self
             .slots
             .iter()
-            .filter(|s| s.live)
+            .filter(|s| s.live())
             .map(|s| (s.key, &s.value))
             .collect();
         v.sort_unstable_by_key(|e| e.0);
@@ -621,18 +714,14 @@ impl<K: Copy + Eq + Hash + Ord, V: Stamped + Default> Slab<K, V> {
         let n = entries.len().min(b.cap);
         b.index.reserve(n);
         b.slots.reserve(n);
-        for (k, v) in entries.into_iter().take(b.cap) {
+        // A vacant-marker key is never a real one (only a corrupted snapshot holds one).
+        for (k, v) in entries.into_iter().filter(|e| !e.0.is_vacant()).take(b.cap) {
             if let Some(&slot) = b.index.get(&k) {
                 b.slots[slot as usize].value = v;
                 continue;
             }
             b.index.insert(k, b.slots.len() as u32);
-            b.slots.push(Slot {
-                key: k,
-                live: true,
-                gen: 0,
-                value: v,
-            });
+            b.slots.push(Slot { key: k, value: v });
         }
         b
     }
@@ -645,7 +734,7 @@ impl<K: Copy + Eq + Hash + Ord, V: Stamped + Default> Slab<K, V> {
             + self
                 .slots
                 .iter()
-                .filter(|s| s.live)
+                .filter(|s| s.live())
                 .map(|s| heap(&s.value))
                 .sum::<usize>()
     }
@@ -838,35 +927,79 @@ mod tests {
     }
 
     #[test]
-    fn slab_hints_match_exactly_while_the_slot_holds_the_key() {
+    fn slab_hints_match_exactly_until_a_slot_is_vacated() {
         let mut s: Slab<u32, u64> = Slab::new(8, u64::MAX);
         let mut hints = Vec::new();
+        let mut valid_seen = 0;
         for i in 0..200u32 {
+            let epoch = s.epoch;
             let (slot, _) = s.upsert(i % 50, u64::from(i));
+            if s.epoch != epoch {
+                // An eviction: every earlier hint stops matching.
+                for &(_, h) in &hints {
+                    assert_eq!(s.check(h), None);
+                }
+            }
             hints.push((i % 50, s.hint(slot)));
             for &(k, h) in &hints {
                 // Never a false positive: a valid hint's slot holds its key ...
                 if let Some(x) = s.check(h) {
                     assert_eq!(s.slot_of(&k), Some(x), "key {k}");
                     assert_eq!(s.at_hint(h), s.at(x));
+                    valid_seen += 1;
                 } else {
                     assert_eq!(s.at_hint(h), None);
                 }
             }
-            // ... and a key's latest hint stays valid while the key is in the table.
+            // ... and a key's latest hint stays valid while no slot has been vacated.
             for k in 0..50u32 {
                 if let Some(&(_, h)) = hints.iter().rev().find(|e| e.0 == k) {
-                    assert_eq!(s.check(h), s.slot_of(&k), "key {k}");
+                    if (h >> 32) as u32 == s.epoch {
+                        assert_eq!(s.check(h), s.slot_of(&k), "key {k}");
+                    }
                 }
             }
         }
+        assert!(valid_seen > 100, "{valid_seen}");
         assert_eq!(s.check(NO_HINT), None);
-        // A slot whose generation is exhausted is retired, never reused.
+        // A saturated epoch matches no hint (keyed lookups from then on).
         let (slot, _) = s.upsert(1_000, 0);
-        s.slots[slot as usize].gen = u32::MAX - 1;
-        s.vacate(slot);
-        assert!(!s.free.contains(&slot));
-        let (again, _) = s.upsert(1_001, 0);
-        assert_ne!(again, slot);
+        s.set_epoch(u32::MAX);
+        let h = s.hint(slot);
+        assert_eq!(s.check(h), None);
+        assert_eq!(s.at_hint(h), None);
+    }
+
+    /// A vacant slot is marked by its key: a snapshot holding that key (only a corrupted
+    /// one can) must not create a slot that is indexed but counts as vacant.
+    #[test]
+    fn slab_restore_drops_the_vacant_marker_key() {
+        let s: Slab<u32, u64> =
+            Slab::from_entries(8, u64::MAX, vec![(1, 5), (u32::MAX, 6), (2, 7)]);
+        assert_eq!(s.index.len(), 2);
+        assert_eq!(s.slot_of(&u32::MAX), None);
+        assert_eq!(s.sorted(), vec![(1, &5), (2, &7)]);
+    }
+
+    #[test]
+    fn vacating_slots_clears_the_links_to_them() {
+        let mut s: Slab<u32, Dist> = Slab::new(8, u64::MAX);
+        let decay = Decay::new(1000.0, 24);
+        let (target, _) = s.upsert(0, 0);
+        for k in 1..8u32 {
+            let (slot, _) = s.upsert(k, u64::from(k));
+            let d = s.at_mut(slot).expect("live");
+            d.observe(7, u64::from(k), 0.0, &decay);
+            d.entries[0].child = target;
+        }
+        // Key 0 is the least recently seen: the next new key evicts it (and others).
+        let _ = s.upsert(100, 1_000);
+        assert!(s.slot_of(&0).is_none());
+        for k in 1..8u32 {
+            if let Some(d) = s.slot_of(&k).and_then(|x| s.at(x)) {
+                // The target's slot may be reused by key 100: the link must be gone.
+                assert_eq!(d.entries[0].child, NO_SLOT, "key {k}");
+            }
+        }
     }
 }

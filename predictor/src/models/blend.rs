@@ -226,8 +226,10 @@ pub struct Blend {
 /// Each expert's PPM-C weights over its scope's tables.
 #[derive(Clone, Copy, Default)]
 struct Experts {
-    /// `w[e][slot]`: weight of table `slot` (order, or the bag) of scope `e / 3` in expert `e`.
-    w: [[f32; SLOTS]; EXPERTS],
+    /// `w[slot][e]`: weight of table `slot` (order, or the bag) of scope `e / 3` in expert `e`;
+    /// slot-major and padded to whole lanes (with 0), so that sums over slots for all experts
+    /// at once are plain vector operations.
+    w: [[f32; LANES]; SLOTS],
     avail: [bool; EXPERTS],
     /// `avail` as 1.0 / 0.0, padded to whole lanes with 0.
     mask: [f32; LANES],
@@ -242,7 +244,7 @@ impl Experts {
     #[cfg(test)]
     fn new(stats: &Stats, his: [usize; 3], lo: usize) -> Self {
         let mut ex = Self {
-            w: [[0.0; SLOTS]; EXPERTS],
+            w: [[0.0; LANES]; SLOTS],
             avail: [false; EXPERTS],
             mask: [0.0; LANES],
         };
@@ -254,7 +256,7 @@ impl Experts {
     /// (no copy of the result).
     fn fill(&mut self, stats: &Stats, his: [usize; 3], lo: usize) {
         let Self { w, avail, mask } = self;
-        *w = [[0.0; SLOTS]; EXPERTS];
+        *w = [[0.0; LANES]; SLOTS];
         *avail = [false; EXPERTS];
         for s in [CLIENT, GROUP, GLOBAL] {
             let st = &stats[s];
@@ -272,8 +274,8 @@ impl Experts {
             let Some(low) = (0..=hi).find(|&i| ok[i]) else {
                 // No usable order: only the bag could be (alone in its chain).
                 if ok[BAG_SLOT] {
-                    w[3 * s + 2][BAG_SLOT] = 1.0 / st[BAG_SLOT].0;
-                    avail[3 * s + 2] = w[3 * s + 2][BAG_SLOT] > 0.0;
+                    w[BAG_SLOT][3 * s + 2] = 1.0 / st[BAG_SLOT].0;
+                    avail[3 * s + 2] = w[BAG_SLOT][3 * s + 2] > 0.0;
                 }
                 continue;
             };
@@ -281,7 +283,7 @@ impl Experts {
             for (e, top) in [(3 * s, Some(hi)), (3 * s + 1, lo)] {
                 let Some(top) = top else { continue };
                 if low <= top {
-                    descend(st, &ok, top, low, 1.0, &mut w[e]);
+                    descend(st, &ok, top, low, 1.0, w, e);
                 }
             }
             if st[BAG_SLOT].0 > 0.0 {
@@ -291,18 +293,18 @@ impl Experts {
                     let (n, u) = st[BAG_SLOT];
                     if low > 1 {
                         // Nothing usable after the bag: it keeps everything.
-                        w[e][BAG_SLOT] = esc / n;
+                        w[BAG_SLOT][e] = esc / n;
                     } else {
-                        w[e][BAG_SLOT] = esc / (n + u);
+                        w[BAG_SLOT][e] = esc / (n + u);
                         esc *= u / (n + u);
                     }
                 }
                 if low <= 1 {
-                    descend(st, &ok, 1, low, esc, &mut w[e]);
+                    descend(st, &ok, 1, low, esc, w, e);
                 }
             }
             for e in 3 * s..3 * s + 3 {
-                avail[e] = w[e].iter().any(|&x| x > 0.0);
+                avail[e] = w.iter().any(|w| w[e] > 0.0);
             }
         }
         *mask = [0.0; LANES];
@@ -425,16 +427,17 @@ fn descend(
     top: usize,
     low: usize,
     mut esc: f32,
-    out: &mut [f32; SLOTS],
+    out: &mut [[f32; LANES]; SLOTS],
+    e: usize,
 ) {
     for i in (low + 1..=top).rev() {
         if ok[i] {
             let (n, u) = st[i];
-            out[i] = esc / (n + u);
+            out[i][e] = esc / (n + u);
             esc *= u / (n + u);
         }
     }
-    out[low] = esc / st[low].0;
+    out[low][e] = esc / st[low].0;
 }
 
 fn stats_of(t: &[[Option<&Dist>; SLOTS]; 3]) -> Stats {
@@ -551,20 +554,24 @@ impl Blend {
         service: ServiceId,
         at: Millis,
     ) {
-        let prior = &self.global;
-        let (events, last_at) = self.core.touch(client, group, at.0, || prior.clone());
-        let first = events == 0;
-        let gap = (!first).then(|| at.0.saturating_sub(last_at));
         let mut stats = [[(0.0f32, 0.0f32); SLOTS]; 3];
         let mut counts = [[0.0f32; SLOTS]; 3];
         let (his, lo, p) = (self.core.his, self.low(), self.params);
-        // The client's entry as `learn_with` leaves it (no second lookup for its skill).
-        let client = self
-            .core
-            .learn_with(client, service.0, at.0, |s, slot, pre| {
+        let prior = &self.global;
+        // One client lookup for `touch` and the update; the client's entry as the update
+        // leaves it (no further lookup for its skill).
+        let ((events, last_at), c) = self.core.touch_learn(
+            client,
+            group,
+            (service.0, at.0),
+            || prior.clone(),
+            |s, slot, pre| {
                 stats[s][slot] = (pre.total, pre.distinct);
                 counts[s][slot] = pre.count;
-            });
+            },
+        );
+        let first = events == 0;
+        let gap = (!first).then(|| at.0.saturating_sub(last_at));
         let mut own_ex;
         let ex = match self.memo.0.get_mut() {
             Ok(s) => &mut s.memo,
@@ -574,12 +581,21 @@ impl Blend {
             }
         }
         .experts(&stats, his, lo);
-        // Each expert's probability of the service, `Σ_slot w[e][slot] · count[slot]` summed
-        // in slot order (as `Iterator::sum`, from -0.0), all experts at once (vectorises).
-        let mut probs = [0.0f32; LANES];
-        for (e, p) in probs.iter_mut().enumerate().take(EXPERTS) {
-            let c = &counts[e / 3];
-            *p = (0..SLOTS).map(|slot| ex.w[e][slot] * c[slot]).sum();
+        // Each expert's probability of the service, `Σ_slot w[slot][e] · count[slot]` summed
+        // in slot order (as `Iterator::sum`, from -0.0), all experts at once (whole lanes).
+        let mut probs = [-0.0f32; LANES];
+        for (slot, w) in ex.w.iter().enumerate() {
+            // The count of table `slot` of each expert's scope, in the experts' lanes.
+            let c: [f32; LANES] = std::array::from_fn(|e| {
+                if e < EXPERTS {
+                    counts[e / 3][slot]
+                } else {
+                    0.0
+                }
+            });
+            for e in 0..LANES {
+                probs[e] += w[e] * c[e];
+            }
         }
         let repeat = (!first).then_some(counts[CLIENT][0] > 0.0);
         // The model-wide skill is the prior of new clients. Its repeat rate is learned from
@@ -591,10 +607,8 @@ impl Blend {
         } else if let Some(r) = repeat {
             self.global.rho += p.repeat_alpha * (f32::from(u8::from(r)) - self.global.rho);
         }
-        if let Some(c) = client {
-            Self::update_skill(&mut c.ext, &p, &probs, &ex.mask, repeat);
-            c.ext.note_use(service.0, at.0, gap);
-        }
+        Self::update_skill(&mut c.ext, &p, &probs, &ex.mask, repeat);
+        c.ext.note_use(service.0, at.0, gap);
     }
 
     fn predict_next_into(&self, client: ClientId, at: Millis, k: usize, out: &mut Vec<Prediction>) {
@@ -700,7 +714,7 @@ impl Blend {
         for s in [CLIENT, GROUP, GLOBAL] {
             for (i, d) in t[s].iter().enumerate() {
                 let Some(d) = d else { continue };
-                let w: f32 = (3 * s..3 * s + 3).map(|e| lam[e] * ex.w[e][i]).sum();
+                let w: f32 = (3 * s..3 * s + 3).map(|e| lam[e] * ex.w[i][e]).sum();
                 // A table contributing almost no probability mass is not worth reading.
                 if w * d.total < MIN_MASS {
                     continue;
@@ -799,8 +813,14 @@ mod tests {
     use super::*;
     use crate::models::rank::ppm_chain;
 
+    /// The reference's experts, `w[e][slot]`.
+    struct Reference {
+        w: [[f32; SLOTS]; EXPERTS],
+        avail: [bool; EXPERTS],
+    }
+
     /// The reference: the generic PPM-C chain walker over the three chains.
-    fn reference(stats: &Stats, hi: usize, lo: usize) -> Experts {
+    fn reference(stats: &Stats, hi: usize, lo: usize) -> Reference {
         let mut w = [[0.0; SLOTS]; EXPERTS];
         let mut avail = [false; EXPERTS];
         let long: [usize; MAX_ORDER + 1] = std::array::from_fn(|i| hi.saturating_sub(i));
@@ -818,8 +838,7 @@ mod tests {
                 avail[e] = w[e].iter().any(|&x| x > 0.0);
             }
         }
-        let mask = std::array::from_fn(|e| f32::from(u8::from(avail.get(e) == Some(&true))));
-        Experts { w, avail, mask }
+        Reference { w, avail }
     }
 
     #[test]
@@ -844,7 +863,7 @@ mod tests {
                 assert_eq!(a.avail, b.avail, "{stats:?} {hi} {lo}");
                 for e in 0..EXPERTS {
                     for i in 0..SLOTS {
-                        assert_eq!(a.w[e][i].to_bits(), b.w[e][i].to_bits(), "{stats:?}");
+                        assert_eq!(a.w[i][e].to_bits(), b.w[e][i].to_bits(), "{stats:?}");
                     }
                 }
             }

@@ -13,15 +13,16 @@
 //! context's tables ([`Handles`]), so `predict` and the next `observe` use them without hashing.
 //! After an update, the next context of order `n + 1` is found by following the link kept in the
 //! order-`n` table's entry for the service just seen ([`crate::store::Entry::child`]); a hash
-//! lookup is only needed the first time. Handles and links are hints, checked against the key
-//! before use, never serialized, and never change a result.
+//! lookup is only needed the first time. Handles are hints checked against the slab's epoch
+//! before use, links are kept exact by the slab (cleared when their slot is vacated); neither
+//! is serialized, and neither changes a result.
 
 use std::hash::{Hash, Hasher};
 
 use serde::{Deserialize, Serialize};
 
 use crate::models::ModelConfig;
-use crate::store::{Bounded, Decay, Dist, Hint, Slab, Stamped, NONE, NO_HINT, NO_SLOT};
+use crate::store::{Bounded, Decay, Dist, Hint, Slab, SlotKey, Stamped, NONE, NO_HINT, NO_SLOT};
 use crate::{ClientId, GroupId};
 
 /// Scope index: the client's own contexts.
@@ -62,6 +63,18 @@ impl Hash for CtxKey {
     }
 }
 
+impl SlotKey for CtxKey {
+    /// Scope 0: every real scope carries one of the `TAG_*` bits.
+    const VACANT: Self = CtxKey {
+        scope: 0,
+        hist: [NONE; MAX_ORDER],
+    };
+    #[inline]
+    fn is_vacant(&self) -> bool {
+        self.scope == 0
+    }
+}
+
 /// Tables per scope: orders `0..=MAX_ORDER`, then the bag ([`BAG_SLOT`]).
 pub(crate) const SLOTS: usize = MAX_ORDER + 2;
 
@@ -72,7 +85,7 @@ const ABSENT: Hint = (NO_SLOT - 1) as u64;
 /// Generation-tagged slab hints of a client's current-context tables, `[scope][slot]`
 /// ([`NO_HINT`] = unknown, `ABSENT` = known missing), and the scope ids they were taken for
 /// (a client's group can change, or its group be recreated with a new serial). A hint is
-/// trusted without comparing keys when its scope id matches and its generation is current;
+/// trusted without comparing keys when its scope id matches and it is of the slab's current epoch;
 /// anything else falls back to a keyed lookup. An accelerator, not state: skipped by serde
 /// and by `==`, reset whenever the client's history is.
 #[derive(Debug, Clone, Copy)]
@@ -338,69 +351,90 @@ impl<X: Clone> Core<X> {
         client: ClientId,
         service: u32,
         at: u64,
-        mut pre: impl FnMut(usize, usize, Pre),
+        pre: impl FnMut(usize, usize, Pre),
     ) -> Option<&mut ClientState<X>> {
         // One client lookup: the client's entry and the context slab are disjoint fields, so
         // the client's history and handles are read and rewritten in place (no copies of the
         // handle arrays).
         let c = self.clients.get_mut(&client)?;
-        let ids = scope_ids(&self.scopes, &self.groups, self.group_epoch, c);
-        c.cur.epoch = self.group_epoch;
-        let hist = c.hist;
-        let delay = if c.events > 0 {
-            at.saturating_sub(c.last_at) as f32
-        } else {
-            0.0
+        let shape = Shape {
+            scopes: &self.scopes,
+            lo: self.lo,
+            his: &self.his,
+            bag: &self.bag,
+            decay: &self.decay,
+            group_epoch: self.group_epoch,
         };
-        let next_hist = [service, hist[0], hist[1], hist[2]];
-        let lo = self.lo;
-        for (scope, id) in ids.into_iter().enumerate() {
-            let (hi, bag) = (self.his[scope], self.bag[scope]);
-            let Some(id) = id else {
-                c.cur.ids[scope] = None;
-                continue;
-            };
-            let hints = c.cur.of(scope, id);
-            let mut done: Updated = [None; SLOTS];
-            for slot in (lo..=hi).chain(bag.then_some(BAG_SLOT)) {
-                // A valid hint is this context's table (see `Handles`); the key is only built
-                // when it is not.
-                let s = match self.ctx.check(hints[slot]) {
-                    Some(s) => s,
-                    None => {
-                        let key = if slot == BAG_SLOT {
-                            Self::bag_key(id, &hist)
-                        } else {
-                            Self::key(id, &hist, slot)
-                        };
-                        let Some(key) = key else { continue };
-                        self.ctx.upsert(key, at).0
-                    }
-                };
-                let Some(dist) = self.ctx.at_mut(s) else {
-                    continue;
-                };
-                let (total, distinct) = (dist.total, dist.entries.len() as f32);
-                let (count, pos) = dist.observe(service, at, delay, &self.decay);
-                pre(
-                    scope,
-                    slot,
-                    Pre {
-                        total,
-                        distinct,
-                        count,
-                    },
-                );
-                done[slot] = Some((self.ctx.hint(s), pos));
+        Some(learn_client(
+            &mut self.ctx,
+            &self.groups,
+            &shape,
+            c,
+            service,
+            at,
+            pre,
+        ))
+    }
+
+    /// [`Core::touch`] then [`Core::learn_with`] with one client lookup: returns the client's
+    /// `(events, last_at)` before this event (as `touch`) and its entry after it.
+    pub fn touch_learn(
+        &mut self,
+        client: ClientId,
+        group: Option<GroupId>,
+        (service, at): (u32, u64),
+        make: impl FnOnce() -> X,
+        pre: impl FnMut(usize, usize, Pre),
+    ) -> ((u32, u64), &mut ClientState<X>) {
+        // As `touch`, with the group's serial taken by field (the client's entry stays
+        // borrowed): the same serials in the same order.
+        let serial = self.serial();
+        let (c, _) = self.clients.upsert(client, at, || ClientState {
+            serial,
+            group: None,
+            hist: [NONE; MAX_ORDER],
+            last_at: at,
+            events: 0,
+            ext: make(),
+            cur: Handles::default(),
+        });
+        if group.is_some() {
+            if c.group != group {
+                self.group_epoch += 1;
             }
-            c.cur.ids[scope] = Some(id);
-            c.cur.h[scope] =
-                next_handles(&mut self.ctx, (lo, hi, bag), scope, id, &done, &next_hist);
+            c.group = group;
         }
-        c.hist = next_hist;
-        c.last_at = c.last_at.max(at);
-        c.events = c.events.saturating_add(1);
-        Some(c)
+        let seen = (c.events, c.last_at);
+        if let Some(g) = c.group {
+            if self.scopes[GROUP] {
+                let serial = self.next_serial;
+                self.next_serial = (self.next_serial + 1) & SERIAL_MASK;
+                let member = c.serial;
+                // Creating a group may evict others.
+                let (gs, created) = self.groups.upsert(g, at, || GroupState {
+                    serial,
+                    last_at: at,
+                    first: member,
+                    shared: false,
+                });
+                gs.last_at = gs.last_at.max(at);
+                let shared = gs.shared | (gs.first != member);
+                if created | (shared != gs.shared) {
+                    self.group_epoch += 1;
+                }
+                gs.shared = shared;
+            }
+        }
+        let shape = Shape {
+            scopes: &self.scopes,
+            lo: self.lo,
+            his: &self.his,
+            bag: &self.bag,
+            decay: &self.decay,
+            group_epoch: self.group_epoch,
+        };
+        let c = learn_client(&mut self.ctx, &self.groups, &shape, c, service, at, pre);
+        (seen, c)
     }
 
     pub fn forget_client(&mut self, client: ClientId) {
@@ -492,6 +526,87 @@ impl<X: Clone> Core<X> {
     }
 }
 
+/// What [`learn_client`] reads of the engine besides the slab and the groups.
+struct Shape<'a> {
+    scopes: &'a [bool; 3],
+    lo: usize,
+    his: &'a [usize; 3],
+    bag: &'a [bool; 3],
+    decay: &'a Decay,
+    group_epoch: u64,
+}
+
+/// The body of [`Core::learn_with`] on a client's entry found (or created) by the caller; a
+/// free function over the engine's fields, so the client's entry stays borrowed.
+#[inline(always)]
+fn learn_client<'c, X>(
+    ctx: &mut Slab<CtxKey, Dist>,
+    groups: &Bounded<GroupId, GroupState>,
+    shape: &Shape<'_>,
+    c: &'c mut ClientState<X>,
+    service: u32,
+    at: u64,
+    mut pre: impl FnMut(usize, usize, Pre),
+) -> &'c mut ClientState<X> {
+    let ids = scope_ids(shape.scopes, groups, shape.group_epoch, c);
+    c.cur.epoch = shape.group_epoch;
+    let hist = c.hist;
+    let delay = if c.events > 0 {
+        at.saturating_sub(c.last_at) as f32
+    } else {
+        0.0
+    };
+    let next_hist = [service, hist[0], hist[1], hist[2]];
+    let lo = shape.lo;
+    for (scope, id) in ids.into_iter().enumerate() {
+        let (hi, bag) = (shape.his[scope], shape.bag[scope]);
+        let Some(id) = id else {
+            c.cur.ids[scope] = None;
+            continue;
+        };
+        let hints = c.cur.of(scope, id);
+        let mut done: Updated = [None; SLOTS];
+        for slot in (lo..=hi).chain(bag.then_some(BAG_SLOT)) {
+            // A valid hint is this context's table (see `Handles`); the key is only built
+            // when it is not.
+            let s = match ctx.check(hints[slot]) {
+                Some(s) => s,
+                None => {
+                    let key = if slot == BAG_SLOT {
+                        bag_key(id, &hist)
+                    } else {
+                        key(id, &hist, slot)
+                    };
+                    let Some(key) = key else { continue };
+                    ctx.upsert(key, at).0
+                }
+            };
+            // Live: a current hint's slot, or just upserted.
+            let Some(dist) = ctx.live_mut(s) else {
+                continue;
+            };
+            let (total, distinct) = (dist.total, dist.entries.len() as f32);
+            let (count, pos) = dist.observe(service, at, delay, shape.decay);
+            pre(
+                scope,
+                slot,
+                Pre {
+                    total,
+                    distinct,
+                    count,
+                },
+            );
+            done[slot] = Some((ctx.hint(s), pos));
+        }
+        c.cur.ids[scope] = Some(id);
+        c.cur.h[scope] = next_handles(ctx, (lo, hi, bag), scope, id, &done, &next_hist);
+    }
+    c.hist = next_hist;
+    c.last_at = c.last_at.max(at);
+    c.events = c.events.saturating_add(1);
+    c
+}
+
 /// The scope ids of `c`'s contexts (`None` for a scope not counted, or a group not yet
 /// shared by two clients).
 #[inline]
@@ -569,12 +684,14 @@ fn next_handles(
             };
             continue;
         }
-        let Some(key) = key(id, hist, order) else {
+        if hist[order - 1] == NONE {
             continue;
-        };
+        }
+        // The key is only built when there is no link to follow.
+        let key = || key(id, hist, order).expect("hist[order - 1] checked above");
         out[order] = match live(ctx, order - 1) {
-            Some((ps, pos)) => follow(ctx, ps, pos, &key, miss),
-            None => lookup(ctx, &Some(key), miss),
+            Some((ps, pos)) => follow(ctx, ps, pos, key, miss),
+            None => lookup(ctx, &Some(key()), miss),
         };
     }
     if bag {
@@ -593,18 +710,27 @@ fn lookup(ctx: &Slab<CtxKey, Dist>, key: &Option<CtxKey>, miss: Hint) -> Hint {
         .map_or(miss, |s| ctx.hint(s))
 }
 
-/// The slot of `key`, following the link of entry `pos` of the table in slot `ps` (and
-/// refreshing that link after a hash lookup); `miss` if the table does not exist.
+/// The hint of `key`'s table, following the link of entry `pos` of the table in slot `ps`
+/// (links are exact while set, see [`crate::store::Entry::child`], so the child's slot is not
+/// read), or after a hash lookup that sets the link; `miss` if the table does not exist.
 #[inline(always)]
-fn follow(ctx: &mut Slab<CtxKey, Dist>, ps: u32, pos: usize, key: &CtxKey, miss: Hint) -> Hint {
+fn follow(
+    ctx: &mut Slab<CtxKey, Dist>,
+    ps: u32,
+    pos: usize,
+    key: impl Fn() -> CtxKey,
+    miss: Hint,
+) -> Hint {
+    // `ps` is the slot of a current hint (see `next_handles`).
     let link = ctx
-        .at(ps)
+        .live_ref(ps)
         .and_then(|d| d.entries.get(pos))
         .map_or(NO_SLOT, |e| e.child);
-    if ctx.holds(link, key) {
+    if link != NO_SLOT {
+        debug_assert!(ctx.holds(link, &key()));
         ctx.hint(link)
-    } else if let Some(found) = ctx.slot_of(key) {
-        if let Some(e) = ctx.at_mut(ps).and_then(|d| d.entries.get_mut(pos)) {
+    } else if let Some(found) = ctx.slot_of(&key()) {
+        if let Some(e) = ctx.live_mut(ps).and_then(|d| d.entries.get_mut(pos)) {
             e.child = found;
         }
         ctx.hint(found)
@@ -658,5 +784,98 @@ mod tests {
         }
         // The cache is used, not only checked.
         assert!(cached > 10_000, "{cached}");
+    }
+
+    /// `touch_learn` (one client lookup) is `touch` then `learn_with`: the same returned
+    /// `(events, last_at)`, the same statistics seen, the same state after every event
+    /// (serials included), through group changes and evictions.
+    #[test]
+    fn touch_learn_is_touch_then_learn_with() {
+        let cfg = ModelConfig {
+            max_clients: 6,
+            max_groups: 3,
+            max_contexts: 50,
+            idle_ttl_ms: 50_000,
+            ..ModelConfig::default()
+        };
+        let mut a: Core<u32> = Core::new(&cfg, [true; 3], 0, 3);
+        a.bag = [false, true, true];
+        let mut b = a.clone();
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        for step in 0..3_000u64 {
+            let client = ClientId(next(9) as u32);
+            let group = match next(4) {
+                0 => None,
+                g => Some(GroupId(g as u32)),
+            };
+            let (service, at) = (next(6) as u32, step * 31);
+            let mut seen_a = Vec::new();
+            let ta = a.touch(client, group, at, || 7);
+            let _ = a.learn_with(client, service, at, |s, o, p| {
+                seen_a.push((s, o, p.total, p.distinct, p.count));
+            });
+            let mut seen_b = Vec::new();
+            let (tb, _) = b.touch_learn(
+                client,
+                group,
+                (service, at),
+                || 7,
+                |s, o, p| {
+                    seen_b.push((s, o, p.total, p.distinct, p.count));
+                },
+            );
+            assert_eq!(ta, tb, "step {step}");
+            assert_eq!(seen_a, seen_b, "step {step}");
+            assert_eq!(a.state(), b.state(), "step {step}");
+        }
+    }
+
+    /// Links are followed without a key check, so they must be exact: every set link of
+    /// every live table leads to the live table of the context one order longer, through
+    /// evictions (a cap of 40 contexts) that vacate and reuse slots.
+    #[test]
+    fn links_stay_exact_through_evictions() {
+        let cfg = ModelConfig {
+            max_clients: 8,
+            max_contexts: 40,
+            idle_ttl_ms: 50_000,
+            ..ModelConfig::default()
+        };
+        let mut core: Core<()> = Core::new(&cfg, [true; 3], 0, 3);
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        let mut followed = 0;
+        for step in 0..5_000u64 {
+            let client = ClientId(next(6) as u32);
+            let at = step * 29;
+            core.touch(client, Some(GroupId(next(2) as u32)), at, || ());
+            let _ = core.learn_with(client, next(5) as u32, at, |_, _, _| {});
+            for (k, d) in core.ctx.sorted() {
+                let order = k.hist.iter().take_while(|&&h| h != NONE).count();
+                if k.scope & BAG != 0 || order >= MAX_ORDER {
+                    continue;
+                }
+                for e in d.entries.iter().filter(|e| e.child != NO_SLOT) {
+                    let mut hist = [NONE; MAX_ORDER];
+                    hist[0] = e.service;
+                    hist[1..].copy_from_slice(&k.hist[..MAX_ORDER - 1]);
+                    let child = key(k.scope, &hist, order + 1).expect("a full history");
+                    assert!(core.ctx.holds(e.child, &child), "step {step}");
+                    followed += 1;
+                }
+            }
+        }
+        assert!(followed > 1_000, "{followed}");
     }
 }
