@@ -1396,9 +1396,14 @@ mod tests {
         fn new() -> Self {
             let ca = ca("ca");
             let (ia, ib) = (ident(&ca, "alpha"), ident(&ca, "beta"));
+            Self::of(&ia, &ib, DenySet::default())
+        }
+
+        /// Channels for `ia` and `ib`, `ib`'s refusing what `b_deny` lists.
+        fn of(ia: &NodeIdentity, ib: &NodeIdentity, b_deny: DenySet) -> Self {
             Self {
-                a: channel(&ia, DenySet::default()),
-                b: channel(&ib, DenySet::default()),
+                a: channel(ia, DenySet::default()),
+                b: channel(ib, b_deny),
                 a_id: ia.node_id(),
                 b_id: ib.node_id(),
                 now: Instant::now(),
@@ -1559,15 +1564,7 @@ mod tests {
     fn an_init_replaying_a_certificate_cannot_take_a_session_over() {
         let ca = ca("ca");
         let (ia, ib) = (ident(&ca, "alpha"), ident(&ca, "beta"));
-        let mut p = Pair {
-            a: channel(&ia, DenySet::default()),
-            b: channel(&ib, DenySet::default()),
-            a_id: ia.node_id(),
-            b_id: ib.node_id(),
-            now: Instant::now(),
-            log: Vec::new(),
-        }
-        .established();
+        let mut p = Pair::of(&ia, &ib, DenySet::default()).established();
         // Anyone who saw alpha's certificate can build this.
         let cert = ia.chain[0].to_vec();
         let mut init = vec![MARKER, VERSION, TYPE_INIT];
@@ -1790,15 +1787,7 @@ mod tests {
         let ca = ca("ca");
         let (ia, ib) = (ident(&ca, "alpha"), ident(&ca, "beta"));
         let deny = DenySet::default();
-        let mut p = Pair {
-            a: channel(&ia, DenySet::default()),
-            b: channel(&ib, deny.clone()),
-            a_id: ia.node_id(),
-            b_id: ib.node_id(),
-            now: Instant::now(),
-            log: Vec::new(),
-        }
-        .established();
+        let mut p = Pair::of(&ia, &ib, deny.clone()).established();
         deny.deny_node(p.a_id);
         p.a_to_b(b"still here");
         let (_, pkt) = p.a.poll_transmit().expect("data");
@@ -1828,15 +1817,7 @@ mod tests {
     fn a_restarted_peer_sets_up_a_new_session() {
         let ca = ca("ca");
         let (ia, ib) = (ident(&ca, "alpha"), ident(&ca, "beta"));
-        let mut p = Pair {
-            a: channel(&ia, DenySet::default()),
-            b: channel(&ib, DenySet::default()),
-            a_id: ia.node_id(),
-            b_id: ib.node_id(),
-            now: Instant::now(),
-            log: Vec::new(),
-        }
-        .established();
+        let mut p = Pair::of(&ia, &ib, DenySet::default()).established();
         // b restarts: a's DATA is not understood until b talks to a again.
         p.b = channel(&ib, DenySet::default());
         p.a_to_b(b"lost");

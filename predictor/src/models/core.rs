@@ -743,6 +743,17 @@ fn follow(
 mod tests {
     use super::*;
 
+    /// A seeded xorshift64 generator: `next(n)` is a value in `0..n`.
+    fn xorshift(seed: u64) -> impl FnMut(u64) -> u64 {
+        let mut x = seed;
+        move |n| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        }
+    }
+
     /// The group scope id a client's handles remember (trusted while the engine's group
     /// epoch has not moved) is always the one a fresh group lookup gives: through groups
     /// created, evicted (a cap of 3), becoming shared, removed, and clients changing group.
@@ -755,13 +766,7 @@ mod tests {
             ..ModelConfig::default()
         };
         let mut core: Core<()> = Core::new(&cfg, [true; 3], 0, 2);
-        let mut x = 0x9E37_79B9_7F4A_7C15u64;
-        let mut next = |n: u64| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x % n
-        };
+        let mut next = xorshift(0x9E37_79B9_7F4A_7C15u64);
         let mut cached = 0;
         for step in 0..20_000u64 {
             let client = ClientId(next(12) as u32);
@@ -801,13 +806,7 @@ mod tests {
         let mut a: Core<u32> = Core::new(&cfg, [true; 3], 0, 3);
         a.bag = [false, true, true];
         let mut b = a.clone();
-        let mut x = 0x9E37_79B9_7F4A_7C15u64;
-        let mut next = |n: u64| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x % n
-        };
+        let mut next = xorshift(0x9E37_79B9_7F4A_7C15u64);
         for step in 0..3_000u64 {
             let client = ClientId(next(9) as u32);
             let group = match next(4) {
@@ -848,13 +847,7 @@ mod tests {
             ..ModelConfig::default()
         };
         let mut core: Core<()> = Core::new(&cfg, [true; 3], 0, 3);
-        let mut x = 0x2545_f491_4f6c_dd1du64;
-        let mut next = |n: u64| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x % n
-        };
+        let mut next = xorshift(0x2545_f491_4f6c_dd1du64);
         let mut followed = 0;
         for step in 0..5_000u64 {
             let client = ClientId(next(6) as u32);
