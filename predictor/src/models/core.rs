@@ -139,6 +139,34 @@ pub(crate) struct ClientState<X> {
     pub cur: Handles,
 }
 
+/// The client's state, created if new (with `make` for the model's part); a group given
+/// replaces the client's, and a change of group moves the group epoch (cached group ids are
+/// then looked up again).
+#[inline]
+fn upsert_client<'a, X>(
+    clients: &'a mut Bounded<ClientId, ClientState<X>>,
+    group_epoch: &mut u64,
+    (client, group, at, serial): (ClientId, Option<GroupId>, u64, u64),
+    make: impl FnOnce() -> X,
+) -> &'a mut ClientState<X> {
+    let (c, _) = clients.upsert(client, at, || ClientState {
+        serial,
+        group: None,
+        hist: [NONE; MAX_ORDER],
+        last_at: at,
+        events: 0,
+        ext: make(),
+        cur: Handles::default(),
+    });
+    if group.is_some() {
+        if c.group != group {
+            *group_epoch += 1;
+        }
+        c.group = group;
+    }
+    c
+}
+
 impl<X> Stamped for ClientState<X> {
     fn last_at(&self) -> u64 {
         self.last_at
@@ -253,21 +281,12 @@ impl<X: Clone> Core<X> {
         make: impl FnOnce() -> X,
     ) -> (u32, u64) {
         let serial = self.serial();
-        let (c, _) = self.clients.upsert(client, at, || ClientState {
-            serial,
-            group: None,
-            hist: [NONE; MAX_ORDER],
-            last_at: at,
-            events: 0,
-            ext: make(),
-            cur: Handles::default(),
-        });
-        if group.is_some() {
-            if c.group != group {
-                self.group_epoch += 1;
-            }
-            c.group = group;
-        }
+        let c = upsert_client(
+            &mut self.clients,
+            &mut self.group_epoch,
+            (client, group, at, serial),
+            make,
+        );
         let (group, member) = (c.group, c.serial);
         let seen = (c.events, c.last_at);
         if let Some(g) = group {
@@ -389,21 +408,12 @@ impl<X: Clone> Core<X> {
         // As `touch`, with the group's serial taken by field (the client's entry stays
         // borrowed): the same serials in the same order.
         let serial = self.serial();
-        let (c, _) = self.clients.upsert(client, at, || ClientState {
-            serial,
-            group: None,
-            hist: [NONE; MAX_ORDER],
-            last_at: at,
-            events: 0,
-            ext: make(),
-            cur: Handles::default(),
-        });
-        if group.is_some() {
-            if c.group != group {
-                self.group_epoch += 1;
-            }
-            c.group = group;
-        }
+        let c = upsert_client(
+            &mut self.clients,
+            &mut self.group_epoch,
+            (client, group, at, serial),
+            make,
+        );
         let seen = (c.events, c.last_at);
         if let Some(g) = c.group {
             if self.scopes[GROUP] {
