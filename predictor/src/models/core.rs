@@ -142,6 +142,31 @@ pub(crate) struct ClientState<X> {
 /// The client's state, created if new (with `make` for the model's part); a group given
 /// replaces the client's, and a change of group moves the group epoch (cached group ids are
 /// then looked up again).
+/// Touches group `g` for client `member` (creating it may evict others): the group becomes
+/// shared once a second client touches it; creating it or sharing it moves the group epoch.
+#[inline]
+fn touch_group(
+    groups: &mut Bounded<GroupId, GroupState>,
+    group_epoch: &mut u64,
+    g: GroupId,
+    at: u64,
+    serial: u64,
+    member: u64,
+) {
+    let (gs, created) = groups.upsert(g, at, || GroupState {
+        serial,
+        last_at: at,
+        first: member,
+        shared: false,
+    });
+    gs.last_at = gs.last_at.max(at);
+    let shared = gs.shared | (gs.first != member);
+    if created | (shared != gs.shared) {
+        *group_epoch += 1;
+    }
+    gs.shared = shared;
+}
+
 #[inline]
 fn upsert_client<'a, X>(
     clients: &'a mut Bounded<ClientId, ClientState<X>>,
@@ -292,19 +317,14 @@ impl<X: Clone> Core<X> {
         if let Some(g) = group {
             if self.scopes[GROUP] {
                 let serial = self.serial();
-                // Creating a group may evict others.
-                let (gs, created) = self.groups.upsert(g, at, || GroupState {
+                touch_group(
+                    &mut self.groups,
+                    &mut self.group_epoch,
+                    g,
+                    at,
                     serial,
-                    last_at: at,
-                    first: member,
-                    shared: false,
-                });
-                gs.last_at = gs.last_at.max(at);
-                let shared = gs.shared | (gs.first != member);
-                if created | (shared != gs.shared) {
-                    self.group_epoch += 1;
-                }
-                gs.shared = shared;
+                    member,
+                );
             }
         }
         seen
@@ -420,19 +440,14 @@ impl<X: Clone> Core<X> {
                 let serial = self.next_serial;
                 self.next_serial = (self.next_serial + 1) & SERIAL_MASK;
                 let member = c.serial;
-                // Creating a group may evict others.
-                let (gs, created) = self.groups.upsert(g, at, || GroupState {
+                touch_group(
+                    &mut self.groups,
+                    &mut self.group_epoch,
+                    g,
+                    at,
                     serial,
-                    last_at: at,
-                    first: member,
-                    shared: false,
-                });
-                gs.last_at = gs.last_at.max(at);
-                let shared = gs.shared | (gs.first != member);
-                if created | (shared != gs.shared) {
-                    self.group_epoch += 1;
-                }
-                gs.shared = shared;
+                    member,
+                );
             }
         }
         let shape = Shape {
