@@ -679,7 +679,8 @@ impl Channel {
             return Ok(());
         }
         let known = p.known.is_some();
-        if !known || self.hello_len(payload.len()) > MAX_PACKET {
+        let too_big = self.hello_len(payload.len()) > MAX_PACKET;
+        if !known || too_big {
             self.enqueue(now, to, payload);
         }
         self.ensure_session_or_pending(now, to)
@@ -689,11 +690,9 @@ impl Channel {
             if p.init_sent
                 .is_none_or(|t| now.duration_since(t) >= INIT_RETRY)
             {
-                p.init_sent = Some(now);
-                self.init(to, addr);
-                self.retries.push(Reverse((now + SETUP_RETRY, to, 1)));
+                self.send_init(now, to, addr, 0);
             }
-        } else if self.hello_len(payload.len()) > MAX_PACKET {
+        } else if too_big {
             self.hello(unix_ms, to, addr, &[]);
         } else {
             self.hello(unix_ms, to, addr, payload);
@@ -724,12 +723,19 @@ impl Channel {
             let Some(addr) = p.addr else {
                 continue;
             };
+            self.send_init(now, to, addr, attempt);
+        }
+    }
+
+    /// Sends an `INIT` to `to` (its `retransmitted`-th repetition) and schedules the next one.
+    fn send_init(&mut self, now: Instant, to: NodeId, addr: SocketAddr, retransmitted: u8) {
+        if let Some(p) = self.peers.get_mut(&to) {
             p.init_sent = Some(now);
-            self.init(to, addr);
-            if attempt < SETUP_RETRIES {
-                let next = now + SETUP_RETRY * (1u32 << attempt);
-                self.retries.push(Reverse((next, to, attempt + 1)));
-            }
+        }
+        self.init(to, addr);
+        if retransmitted < SETUP_RETRIES {
+            let next = now + SETUP_RETRY * (1u32 << retransmitted);
+            self.retries.push(Reverse((next, to, retransmitted + 1)));
         }
     }
 
