@@ -158,6 +158,12 @@ impl MembershipConfig {
         c.probe_period = self.probe_period;
         c.probe_rtt = self.probe_rtt;
         c.suspect_to_down_after = self.suspect_to_down;
+        // A member that hears a suspicion by gossip declares the suspect down itself after
+        // 3× the suspicion time, as a backstop for a `Down` update that missed it (without
+        // one it stayed Suspect until its own probe, ~N probe periods). Longer than the
+        // prober's timer so that a refutation has time to reach everyone: with 1× it, 4
+        // of 28 runs at 5% loss had false downs (docs/BENCHMARKS.md "Gossiped suspicion").
+        c.gossiped_suspect_to_down_after = Some(self.suspect_to_down.saturating_mul(3));
         c.max_packet_size =
             NonZeroUsize::new(self.max_packet_size.max(512)).unwrap_or(NonZeroUsize::MIN);
         c.num_indirect_probes = NonZeroUsize::new(3).unwrap_or(NonZeroUsize::MIN);

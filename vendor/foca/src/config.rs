@@ -77,6 +77,15 @@ pub struct Config {
     /// Must not be zero.
     pub suspect_to_down_after: Duration,
 
+    /// meshd: how long a member that heard a suspicion through gossip (not through its own
+    /// failed probe) waits before declaring the suspect Down itself. `None`: never, as
+    /// upstream foca, which leaves such a member depending on the `Down` update reaching
+    /// it. Make it longer than [`Self::suspect_to_down_after`]: it is a backstop behind the
+    /// prober's own timer, and every member that hears the suspicion runs it, so a short
+    /// one makes a refutation that misses any single member a false Down (memberlist's
+    /// Lifeguard starts such timers at 6× the minimum and shortens them on confirmations).
+    pub gossiped_suspect_to_down_after: Option<Duration>,
+
     /// Governs how long Foca will remember an identity as being
     /// Down.
     ///
@@ -213,6 +222,7 @@ impl Config {
             max_transmissions: NonZeroU8::new(10).unwrap(),
 
             suspect_to_down_after: Duration::from_secs(3),
+            gossiped_suspect_to_down_after: None,
             remove_down_after: DEFAULT_REMOVE_DOWN_AFTER,
 
             max_packet_size: NonZeroUsize::new(1400).unwrap(),
@@ -271,6 +281,7 @@ impl Config {
             max_transmissions: Self::compute_max_tx(cluster_size),
 
             suspect_to_down_after: Self::suspicion_duration(cluster_size, period, 4.0),
+            gossiped_suspect_to_down_after: None,
             remove_down_after: DEFAULT_REMOVE_DOWN_AFTER,
 
             max_packet_size: NonZeroUsize::new(1400).unwrap(),
@@ -313,6 +324,7 @@ impl Config {
             max_transmissions: Self::compute_max_tx(cluster_size),
 
             suspect_to_down_after: Self::suspicion_duration(cluster_size, period, 6.0),
+            gossiped_suspect_to_down_after: None,
             remove_down_after: DEFAULT_REMOVE_DOWN_AFTER,
 
             max_packet_size: NonZeroUsize::new(1400).unwrap(),

@@ -331,7 +331,7 @@ where
             // we'll declare it ourselves
             if !previous_is_down {
                 let addr = Addr(previous_id.addr());
-                let data = self.serialize_member(Member::down(previous_id))?;
+                let data = self.serialize_member(&Member::down(previous_id))?;
                 self.updates
                     .add_or_replace(addr, data, self.config.max_transmissions.get().into());
             }
@@ -569,7 +569,7 @@ where
     /// This is the cleanest way to terminate a running Foca.
     pub fn leave_cluster(&mut self, mut runtime: impl Runtime<T>) -> Result<()> {
         let addr = Addr(self.identity().addr());
-        let data = self.serialize_member(Member::down(self.identity().clone()))?;
+        let data = self.serialize_member(&Member::down(self.identity().clone()))?;
         self.updates
             .add_or_replace(addr, data, self.config.max_transmissions.get().into());
 
@@ -1085,10 +1085,10 @@ where
         custom_broadcasts_result
     }
 
-    fn serialize_member(&mut self, member: Member<T>) -> Result<Vec<u8>> {
+    fn serialize_member(&mut self, member: &Member<T>) -> Result<Vec<u8>> {
         let mut buf = Vec::new();
         self.codec
-            .encode_member(&member, &mut buf)
+            .encode_member(member, &mut buf)
             .map_err(|e| Error::Encode(Box::new(e)))?;
 
         Ok(buf)
@@ -1224,17 +1224,46 @@ where
         &mut self,
         update: Member<T>,
         do_broadcast: bool,
-        runtime: impl Runtime<T>,
+        mut runtime: impl Runtime<T>,
     ) -> Result<bool> {
         debug_assert_ne!(&self.identity, update.id());
-        let summary = self.members.apply(update.clone(), &mut self.rng);
+        // meshd: most gossiped updates repeat what this member already knows, and an update
+        // that did not apply changes nothing below. So the update is moved into `apply`
+        // and the member is copied back out only when it applied (upstream cloned every
+        // update first).
+        let addr = update.id().addr();
+        let summary = self.members.apply(update, &mut self.rng);
 
         let update_is_active = match summary.conflict {
             member::ConflictResult::Lost | member::ConflictResult::FailedCondition => false,
             _ => summary.is_active_now,
         };
 
-        self.handle_apply_summary(summary, update, do_broadcast, runtime)?;
+        if summary.apply_successful {
+            // A successful apply leaves the update's id, incarnation and state stored.
+            let applied = self
+                .members
+                .get(&addr)
+                .cloned()
+                .expect("an applied update is stored under its address");
+            // meshd: a suspicion heard through gossip starts a (longer) suspect-to-down
+            // timer here too, as memberlist does. Upstream started one only on the member
+            // whose own probe failed, so a member that then missed the `Down` update kept
+            // the suspect until its own probe of it, a full round-robin later.
+            if applied.state() == State::Suspect
+                && let Some(after) = self.config.gossiped_suspect_to_down_after
+            {
+                runtime.submit_after(
+                    Timer::ChangeSuspectToDown {
+                        member_id: applied.id().clone(),
+                        incarnation: applied.incarnation(),
+                        token: self.timer_token,
+                    },
+                    after,
+                );
+            }
+            self.handle_apply_summary(summary, applied, do_broadcast, &mut runtime)?;
+        }
 
         Ok(update_is_active)
     }
@@ -1246,7 +1275,7 @@ where
         do_broadcast: bool,
         mut runtime: impl Runtime<T>,
     ) -> Result<()> {
-        let id = update.id().clone();
+        let id = update.id();
 
         if summary.apply_successful {
             #[cfg(feature = "tracing")]
@@ -1259,7 +1288,7 @@ where
             // Cluster state changed, start broadcasting it
             if do_broadcast {
                 let addr = Addr(id.addr());
-                let data = self.serialize_member(update)?;
+                let data = self.serialize_member(&update)?;
                 self.updates
                     .add_or_replace(addr, data, self.config.max_transmissions.get().into());
             }
@@ -3254,6 +3283,97 @@ mod tests {
             "foca_three should have recovered"
         );
 
+        Ok(())
+    }
+
+    // meshd: a suspicion heard through gossip starts the suspect-to-down timer, so a member
+    // that never hears the `Down` update still declares the suspect down in time.
+    #[test]
+    fn gossiped_suspicion_starts_the_down_timer() -> Result<()> {
+        let backstop = Duration::from_secs(9);
+        let config = Config {
+            gossiped_suspect_to_down_after: Some(backstop),
+            ..config()
+        };
+        let mut foca = Foca::new(ID::new(1), config, rng(), codec());
+        let mut runtime = AccumulatingRuntime::new();
+        foca.apply(Member::alive(ID::new(2)), &mut runtime)?;
+        foca.apply(Member::alive(ID::new(3)), &mut runtime)?;
+
+        runtime.clear();
+        let incarnation = 4;
+        foca.apply_many(
+            core::iter::once(Member::new(ID::new(2), incarnation, State::Suspect)),
+            true,
+            &mut runtime,
+        )?;
+        let timer = Timer::ChangeSuspectToDown {
+            member_id: ID::new(2),
+            incarnation,
+            token: foca.timer_token(),
+        };
+        expect_scheduling!(runtime, timer.clone(), backstop);
+
+        // Hearing the same suspicion again applies nothing and starts no second timer.
+        runtime.clear();
+        foca.apply_many(
+            core::iter::once(Member::new(ID::new(2), incarnation, State::Suspect)),
+            true,
+            &mut runtime,
+        )?;
+        assert!(runtime.take_scheduling(timer.clone()).is_none());
+
+        // Nobody refuted it, so the timer declares the member down.
+        assert_eq!(Ok(()), foca.handle_timer(timer, &mut runtime));
+        expect_notification!(runtime, Notification::MemberDown(&ID::new(2)));
+        assert_eq!(1, foca.num_members());
+
+        // A refuted suspicion's timer (an older incarnation) changes nothing.
+        foca.apply_many(
+            core::iter::once(Member::new(ID::new(3), 1, State::Suspect)),
+            true,
+            &mut runtime,
+        )?;
+        foca.apply_many(
+            core::iter::once(Member::new(ID::new(3), 2, State::Alive)),
+            true,
+            &mut runtime,
+        )?;
+        runtime.clear();
+        let stale = Timer::ChangeSuspectToDown {
+            member_id: ID::new(3),
+            incarnation: 1,
+            token: foca.timer_token(),
+        };
+        assert_eq!(Ok(()), foca.handle_timer(stale, &mut runtime));
+        reject_notification!(runtime, Notification::MemberDown(&ID::new(3)));
+        assert_eq!(1, foca.num_members());
+
+        Ok(())
+    }
+
+    // meshd: without `gossiped_suspect_to_down_after` (upstream's behaviour), a gossiped
+    // suspicion starts no timer.
+    #[test]
+    fn gossiped_suspicion_starts_no_timer_by_default() -> Result<()> {
+        let mut foca = Foca::new(ID::new(1), config(), rng(), codec());
+        let mut runtime = AccumulatingRuntime::new();
+        foca.apply(Member::alive(ID::new(2)), &mut runtime)?;
+        runtime.clear();
+        foca.apply_many(
+            core::iter::once(Member::new(ID::new(2), 0, State::Suspect)),
+            true,
+            &mut runtime,
+        )?;
+        assert!(
+            runtime
+                .take_scheduling(Timer::ChangeSuspectToDown {
+                    member_id: ID::new(2),
+                    incarnation: 0,
+                    token: foca.timer_token(),
+                })
+                .is_none()
+        );
         Ok(())
     }
 

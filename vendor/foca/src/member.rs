@@ -186,6 +186,11 @@ where
         self.index.get(addr).copied()
     }
 
+    /// meshd: the member known under `addr`, if any.
+    pub(crate) fn get(&self, addr: &T::Addr) -> Option<&Member<T>> {
+        self.position_of(addr).map(|pos| &self.inner[pos])
+    }
+
     // Next member that's considered active
     // Chosen at random (shuffle + round-robin)
     pub(crate) fn next(&mut self, mut rng: impl RngExt) -> Option<&Member<T>> {
