@@ -191,6 +191,36 @@ fn small_scenario_is_deterministic() {
 }
 
 #[test]
+fn shared_chain_checks_change_nothing_but_the_work() {
+    let (shared, rs) = run(SMALL, &["duration_s=8"]);
+    let (own, ro) = run(SMALL, &["duration_s=8", "peers.shared_chain_checks=false"]);
+    assert_eq!(
+        serde_json::to_string(&rs).unwrap(),
+        serde_json::to_string(&ro).unwrap(),
+        "every request record is the same"
+    );
+    let webpki = |r: &netsim::Report| r.overlay["chain_checks_webpki"];
+    let cached = |r: &netsim::Report| r.overlay["chain_checks_cached"];
+    let checks = |r: &netsim::Report| webpki(r) + cached(r);
+    assert_eq!(checks(&shared), checks(&own), "the same checks asked for");
+    // 8 peers: at most one webpki run per certificate and usage when shared.
+    assert!(webpki(&shared) <= 16, "{}", webpki(&shared));
+    assert!(
+        webpki(&own) > webpki(&shared),
+        "{} vs {}",
+        webpki(&own),
+        webpki(&shared)
+    );
+    let strip = |r: &netsim::Report| {
+        let mut r = r.without_varying_fields();
+        r.overlay.remove("chain_checks_webpki");
+        r.overlay.remove("chain_checks_cached");
+        serde_json::to_string(&r).unwrap()
+    };
+    assert_eq!(strip(&shared), strip(&own));
+}
+
+#[test]
 fn membership_detects_a_crash() {
     let (report, _) = run(
         r#"

@@ -50,7 +50,12 @@ pub fn calibrate(n: u32) -> anyhow::Result<Calibration> {
         let client_id = pki.node("client", 1)?;
         let net = SimNet::new(LatencyModel::uniform(2, 0.0), LinkSpec::default(), 1);
         let runtime = quinn::default_runtime().ok_or_else(|| anyhow::anyhow!("no runtime"))?;
-        let server_tls = overlay::tls::server_config(&server_id, Default::default())?;
+        // No chain cache: every handshake checks the peer's chain, as with a new peer.
+        let cold = |id: &overlay::NodeIdentity| overlay::tls::TlsSettings {
+            chain_cache: Some(overlay::tls::ChainCache::new(id, 0)),
+            ..Default::default()
+        };
+        let server_tls = overlay::tls::server_config(&server_id, cold(&server_id))?;
         let server_cfg = quinn::ServerConfig::with_crypto(Arc::new(
             quinn::crypto::rustls::QuicServerConfig::try_from(server_tls)?,
         ));
@@ -67,14 +72,14 @@ pub fn calibrate(n: u32) -> anyhow::Result<Calibration> {
             runtime,
         )?;
         let name = overlay::tls::server_name_for(Some(server_id.node_id()));
-        let mut full_tls = overlay::tls::client_config(&client_id, Default::default())?;
+        let mut full_tls = overlay::tls::client_config(&client_id, cold(&client_id))?;
         full_tls.resumption = rustls::client::Resumption::disabled();
         let full = quinn::ClientConfig::new(Arc::new(
             quinn::crypto::rustls::QuicClientConfig::try_from(full_tls)?,
         ));
         let resumed =
             quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(
-                overlay::tls::client_config(&client_id, Default::default())?,
+                overlay::tls::client_config(&client_id, cold(&client_id))?,
             )?));
         let deny = overlay::tls::DenySet::default();
         let now_unix = 1_800_000_000;

@@ -191,6 +191,8 @@ struct Sim {
     net: SimNet,
     start: Instant,
     identities: Vec<NodeIdentity>,
+    /// The verified-chain cache every peer shares (`peers.shared_chain_checks`).
+    chain_cache: Option<Arc<overlay::tls::ChainCache>>,
     /// Node id → peer index.
     index_of: HashMap<overlay::identity::NodeId, usize>,
     services: Vec<String>,
@@ -285,6 +287,7 @@ impl Sim {
                 if p.tls_server_sessions > 0 {
                     t.server_sessions = p.tls_server_sessions;
                 }
+                t.chain_cache = self.chain_cache.clone();
                 t
             },
             backend_connector: Arc::new(SimBackend {
@@ -374,6 +377,13 @@ async fn simulate(
             .enumerate()
             .map(|(i, id)| (id.node_id(), i))
             .collect(),
+        chain_cache: match identities.first() {
+            Some(id) if sc.peers.shared_chain_checks => Some(overlay::tls::ChainCache::new(
+                id,
+                overlay::chain_cache::DEFAULT_CAPACITY.max(4 * n),
+            )),
+            _ => None,
+        },
         identities,
         services: (0..placement.len()).map(|k| format!("s{k}")).collect(),
         placement,
@@ -541,6 +551,24 @@ async fn simulate(
             }
         }
     }
+    // Chain checks: webpki runs (misses) and cache answers (hits), counted once per cache.
+    let chain = match &sim.chain_cache {
+        Some(c) => c.stats(),
+        None => lock(&sim.all_nodes)
+            .iter()
+            .filter_map(|node| node.chain_cache().map(|c| c.stats()))
+            .fold(
+                Default::default(),
+                |a: overlay::chain_cache::ChainCacheStats, s| {
+                    overlay::chain_cache::ChainCacheStats {
+                        hits: a.hits + s.hits,
+                        misses: a.misses + s.misses,
+                    }
+                },
+            ),
+    };
+    overlay.insert("chain_checks_webpki".into(), chain.misses);
+    overlay.insert("chain_checks_cached".into(), chain.hits);
     let live: Vec<Node> = lock(&sim.nodes).iter().flatten().cloned().collect();
     let mut views = Vec::with_capacity(live.len());
     for node in &live {

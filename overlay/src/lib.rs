@@ -2,6 +2,7 @@
 //!
 //! - [`identity`]: the overlay CA, node certificates and node ids.
 //! - [`tls`]: TLS 1.3 mutual authentication, checked on every connection.
+//! - [`chain_cache`]: verified certificate chains, checked once while valid.
 //! - [`wire`]: versioned stream headers, frames and datagrams (pure encode/decode).
 //! - [`membership`]: SWIM membership (foca), sans-IO.
 //! - [`channel`]: authenticated membership datagrams beside QUIC (no handshake per target), sans-IO.
@@ -18,6 +19,7 @@
 pub mod auth;
 pub mod backend;
 pub mod catalog;
+pub mod chain_cache;
 pub mod channel;
 pub mod config;
 pub mod demux;

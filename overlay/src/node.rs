@@ -291,12 +291,18 @@ impl Node {
             t.keep_alive = t.keep_alive.or(Some(t.idle_timeout / 3));
             Arc::new(transport_config(&t)?)
         };
-        let server_tls = tls::server_config(&identity, config.tls)?;
+        // One cache of verified peer chains for TLS both ways and the membership channel.
+        let mut config = config;
+        config.tls.chain_cache = Some(tls::ChainCache::for_identity(
+            config.tls.chain_cache.as_ref(),
+            &identity,
+        ));
+        let server_tls = tls::server_config(&identity, config.tls.clone())?;
         let quic_server = quinn::crypto::rustls::QuicServerConfig::try_from(server_tls)
             .map_err(|e| tls::TlsError::Quic(e.to_string()))?;
         let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quic_server));
         server_config.transport_config(transport.clone());
-        let client_tls = tls::client_config(&identity, config.tls)?;
+        let client_tls = tls::client_config(&identity, config.tls.clone())?;
         let quic_client = quinn::crypto::rustls::QuicClientConfig::try_from(client_tls)
             .map_err(|e| tls::TlsError::Quic(e.to_string()))?;
         let mut client_config = quinn::ClientConfig::new(Arc::new(quic_client));
@@ -349,7 +355,8 @@ impl Node {
         let membership = Membership::new(me.clone(), &config.membership, config.seed);
         let channel_identity = crate::channel::local_identity(&identity)
             .map_err(|e| NodeError::Config(format!("membership channel identity: {e}")))?;
-        let chain_verifier = tls::chain_verifier(&identity)?;
+        let chain_verifier =
+            tls::chain_verifier_cached(&identity, config.tls.chain_cache.as_ref())?;
         let stats = Arc::new(Stats::default());
         let (authority, deny, restored) = auth::build_authority(&identity, &config, stats.clone())?;
         let channel = crate::channel::Channel::new(
@@ -390,7 +397,7 @@ impl Node {
             &identity,
             config.generation,
             config.routing.clone(),
-            config.tls,
+            config.tls.clone(),
             config.seed,
         )
         .map_err(NodeError::Config)?;
@@ -404,7 +411,7 @@ impl Node {
             client_config: RwLock::new(client_config),
             transport_config: transport,
             data_transport,
-            tls_settings: config.tls,
+            tls_settings: config.tls.clone(),
             identity: RwLock::new(identity),
             deny,
             auth: RwLock::new(authority),
@@ -534,6 +541,11 @@ impl Node {
     /// Counters.
     pub fn stats(&self) -> &Stats {
         &self.inner.stats
+    }
+
+    /// The cache of verified peer chains (shared with other nodes if the config gave one).
+    pub fn chain_cache(&self) -> Option<&Arc<tls::ChainCache>> {
+        self.inner.tls_settings.chain_cache.as_ref()
     }
 
     /// The deny-set checked on every connection.

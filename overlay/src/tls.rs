@@ -20,6 +20,8 @@ use rustls::server::{ServerSessionMemoryCache, StoresServerSessions, WebPkiClien
 use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio::time::Instant;
 
+pub use crate::chain_cache::ChainCache;
+use crate::chain_cache::{verify_server_chain, CachedClientVerifier};
 use crate::identity::{parse_node_cert, CertInfo, NodeId, NodeIdentity};
 
 /// ALPN protocol id of meshd version 1.
@@ -150,7 +152,7 @@ pub fn authenticate_chain(
 }
 
 /// Settings for TLS caches.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct TlsSettings {
     /// Client session cache entries (rustls keeps ~8 per server): size for the overlay.
     pub client_sessions: usize,
@@ -160,6 +162,10 @@ pub struct TlsSettings {
     /// bounding how long a captured ticket or a revoked peer's ticket is worth anything.
     /// Default 10 minutes (rustls alone would honour stateful tickets for 24 h).
     pub ticket_max_age: Duration,
+    /// Verified peer chains (TLS both ways and the membership channel). `None`: a node makes
+    /// its own ([`ChainCache`]'s default capacity); configs built outside a node get a
+    /// private one each. A cache of other trust anchors than the identity's is not used.
+    pub chain_cache: Option<Arc<ChainCache>>,
 }
 
 impl Default for TlsSettings {
@@ -168,6 +174,7 @@ impl Default for TlsSettings {
             client_sessions: 8 * 1024,
             server_sessions: 16 * 1024,
             ticket_max_age: Duration::from_secs(600),
+            chain_cache: None,
         }
     }
 }
@@ -267,13 +274,26 @@ fn roots(identity: &NodeIdentity) -> Result<RootCertStore, TlsError> {
 }
 
 /// A verifier of node certificates against the overlay CA outside TLS (the membership channel):
-/// webpki's chain check with the client-auth usage, as on the server side of a handshake.
+/// webpki's chain check with the client-auth usage, as on the server side of a handshake,
+/// behind a private [`ChainCache`].
 pub fn chain_verifier(
     identity: &NodeIdentity,
 ) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
-    WebPkiClientVerifier::builder_with_provider(Arc::new(roots(identity)?), provider())
+    chain_verifier_cached(identity, None)
+}
+
+/// [`chain_verifier`] behind `cache` (see [`TlsSettings::chain_cache`]).
+pub fn chain_verifier_cached(
+    identity: &NodeIdentity,
+    cache: Option<&Arc<ChainCache>>,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
+    let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(identity)?), provider())
         .build()
-        .map_err(|e| TlsError::BadCa(e.to_string()))
+        .map_err(|e| TlsError::BadCa(e.to_string()))?;
+    Ok(Arc::new(CachedClientVerifier::new(
+        inner,
+        ChainCache::for_identity(cache, identity),
+    )))
 }
 
 /// Builds the rustls server config for a local identity.
@@ -282,10 +302,7 @@ pub fn server_config(
     settings: TlsSettings,
 ) -> Result<rustls::ServerConfig, TlsError> {
     let provider = provider();
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(roots(identity)?), provider.clone())
-            .build()
-            .map_err(|e| TlsError::BadCa(e.to_string()))?;
+    let verifier = chain_verifier_cached(identity, settings.chain_cache.as_ref())?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -310,7 +327,10 @@ pub fn client_config(
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(NodeServerVerifier { inner }))
+        .with_custom_certificate_verifier(Arc::new(NodeServerVerifier {
+            inner,
+            cache: ChainCache::for_identity(settings.chain_cache.as_ref(), identity),
+        }))
         .with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())?;
     cfg.alpn_protocols = vec![ALPN.to_vec()];
     cfg.resumption = Resumption::in_memory_sessions(settings.client_sessions);
@@ -329,7 +349,7 @@ pub fn e2e_configs(
         server_sessions: settings.server_sessions.min(256),
         ..settings
     };
-    let mut server = server_config(identity, small)?;
+    let mut server = server_config(identity, small.clone())?;
     server.alpn_protocols = vec![crate::wire::E2E_ALPN.to_vec()];
     server.max_early_data_size = 0;
     let mut client = client_config(identity, small)?;
@@ -352,6 +372,7 @@ pub fn server_name_for(node: Option<NodeId>) -> String {
 #[derive(Debug)]
 struct NodeServerVerifier {
     inner: Arc<WebPkiServerVerifier>,
+    cache: Arc<ChainCache>,
 }
 
 impl ServerCertVerifier for NodeServerVerifier {
@@ -368,8 +389,15 @@ impl ServerCertVerifier for NodeServerVerifier {
         })?;
         let actual = ServerName::try_from(info.node_id.san())
             .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
-        self.inner
-            .verify_server_cert(end_entity, intermediates, &actual, ocsp_response, now)?;
+        verify_server_chain(
+            &self.cache,
+            self.inner.as_ref(),
+            end_entity,
+            intermediates,
+            &actual,
+            ocsp_response,
+            now,
+        )?;
         match server_name {
             ServerName::DnsName(n) if n.as_ref() == ANY_NODE_SERVER_NAME => Ok(()),
             ServerName::DnsName(n) if n.as_ref() == info.node_id.san() => Ok(()),

@@ -1163,13 +1163,13 @@ fn renew(inner: &Arc<Inner>) -> Result<CertInfo, String> {
         ca: old.ca.clone(),
     };
     let server_tls =
-        tls::server_config(&new_identity, inner.tls_settings).map_err(|e| e.to_string())?;
+        tls::server_config(&new_identity, inner.tls_settings.clone()).map_err(|e| e.to_string())?;
     let quic_server =
         quinn::crypto::rustls::QuicServerConfig::try_from(server_tls).map_err(|e| e.to_string())?;
     let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quic_server));
     server_config.transport_config(inner.transport_config.clone());
     let client_tls =
-        tls::client_config(&new_identity, inner.tls_settings).map_err(|e| e.to_string())?;
+        tls::client_config(&new_identity, inner.tls_settings.clone()).map_err(|e| e.to_string())?;
     let quic_client =
         quinn::crypto::rustls::QuicClientConfig::try_from(client_tls).map_err(|e| e.to_string())?;
     let mut client_config = quinn::ClientConfig::new(Arc::new(quic_client));
