@@ -28,7 +28,14 @@ pub type Timer = foca::Timer<PeerIdentity>;
 
 /// The identity a member is known by: node id (the membership address), the UDP address to
 /// reach it, its generation (bumped on restart and on rejoin) and its name.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+///
+/// Equality (and hashing) leaves the name out: it is the certificate's common name, fixed for
+/// a node id and generation, carried for display. Two identities that differ only in name are
+/// the same identity to SWIM, so a gossiped copy with another name (only a lying member can
+/// send one: a member's own packets are checked against its certificate) does not replace the
+/// one known. It also keeps foca's per-update identity comparison off the name's heap bytes,
+/// a cache miss per received update (docs/BENCHMARKS.md, "Scale").
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PeerIdentity {
     /// Node id, from the member's certificate.
     pub node_id: NodeId,
@@ -38,6 +45,24 @@ pub struct PeerIdentity {
     pub generation: u64,
     /// Node name (certificate common name).
     pub name: String,
+}
+
+impl PartialEq for PeerIdentity {
+    fn eq(&self, other: &Self) -> bool {
+        self.node_id == other.node_id
+            && self.generation == other.generation
+            && self.addr == other.addr
+    }
+}
+
+impl Eq for PeerIdentity {}
+
+impl std::hash::Hash for PeerIdentity {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.node_id.hash(state);
+        self.generation.hash(state);
+        self.addr.hash(state);
+    }
 }
 
 impl foca::Identity for PeerIdentity {
@@ -422,6 +447,29 @@ mod tests {
         let err = b.handle_data(ident(1).node_id, "someone-else", &data);
         assert!(matches!(err, Err(MembershipError::BadName(_))));
         assert_eq!(b.num_members(), 0);
+    }
+
+    #[test]
+    fn the_name_is_no_part_of_identity_equality() {
+        use std::collections::HashSet;
+        let a = ident(1);
+        let renamed = PeerIdentity {
+            name: "liar".into(),
+            ..a.clone()
+        };
+        assert_eq!(a, renamed);
+        assert_eq!(HashSet::from([a.clone(), renamed]).len(), 1);
+        let restarted = PeerIdentity {
+            generation: 2,
+            ..a.clone()
+        };
+        let moved = PeerIdentity {
+            addr: SocketAddr::from(([127, 0, 0, 2], 1001)),
+            ..a.clone()
+        };
+        assert_ne!(a, restarted);
+        assert_ne!(a, moved);
+        assert_ne!(a, ident(2));
     }
 
     #[test]
