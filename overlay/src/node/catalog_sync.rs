@@ -9,7 +9,8 @@
 //!   for a datagram, a signed version hint — goes into the [`Gossip`] backlog and rides next to
 //!   the SWIM packets this node sends anyway (datagram kind 2, on the membership channel). Receivers
 //!   check it, apply it, and hand it on; a hint makes them pull that origin's snapshot.
-//! - **Repair**: every 15 s pull the whole catalog from one random member.
+//! - **Repair**: every 15 s (scaled up with the overlay's size, as memberlist scales its
+//!   push-pull: × 6 at 1,000 members) pull the whole catalog from one random member.
 //!
 //! No dial per member: the number of catalog connections is one per join and one per repair
 //! round, whatever the overlay's size.
@@ -35,8 +36,23 @@ use crate::wire::{
     StreamKind, WireError,
 };
 
-/// How often a random member's catalog is pulled (repairs lost gossip).
+/// How often a random member's catalog is pulled (repairs lost gossip), up to 32 members.
 pub(super) const REFRESH_PERIOD: Duration = Duration::from_secs(15);
+/// Members up to which the repair period is not scaled.
+const REFRESH_SCALE_THRESHOLD: usize = 32;
+
+/// The repair period with `members` other members: [`REFRESH_PERIOD`] up to 32 members, then
+/// × (⌈log2 n − log2 32⌉ + 1) — memberlist's `pushPullScale`. Every member pulls a whole catalog
+/// (which grows with n) per period, so without scaling the overlay's repair traffic grows as
+/// n² per period; lost gossip is rare (each item is handed on several times) and a join still
+/// pulls at once.
+pub(super) fn refresh_period(members: usize) -> Duration {
+    if members <= REFRESH_SCALE_THRESHOLD {
+        return REFRESH_PERIOD;
+    }
+    let excess = (members as f64).log2() - (REFRESH_SCALE_THRESHOLD as f64).log2();
+    REFRESH_PERIOD * (excess.ceil() as u32 + 1)
+}
 /// Largest signed snapshot gossiped whole; larger ones are announced by a hint.
 const MAX_GOSSIP_SNAPSHOT: usize = 900;
 /// Most hint-triggered pulls in flight.
@@ -479,17 +495,43 @@ fn random_member(inner: &Inner) -> Option<NodeId> {
     Some(members[i])
 }
 
-/// Pulls one random member's whole catalog every [`REFRESH_PERIOD`] (repairs lost gossip).
+/// Pulls one random member's whole catalog every [`refresh_period`] (repairs lost gossip).
 pub(super) async fn refresh_loop(inner: Arc<Inner>) {
+    // Wakes every 15 s and pulls once the period for the overlay's current size has passed
+    // since the last pull (or the start), so a period computed while still alone does not
+    // stand for a whole overlay.
     let mut tick = tokio::time::interval(REFRESH_PERIOD);
     tick.tick().await;
+    let mut last = tokio::time::Instant::now();
     loop {
         tick.tick().await;
+        let members = read(&inner.alive).len();
+        if last.elapsed() < refresh_period(members) {
+            continue;
+        }
+        last = tokio::time::Instant::now();
         let Some(node) = random_member(&inner) else {
             continue;
         };
         if let Err(e) = sync_with(&inner, node, Vec::new(), None).await {
             debug!(peer = %node.fmt_short(), error = %e, "catalog refresh failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_repair_period_grows_like_memberlists_push_pull() {
+        assert_eq!(refresh_period(0), REFRESH_PERIOD);
+        assert_eq!(refresh_period(32), REFRESH_PERIOD);
+        // log2(33) - 5 = 0.04 → ⌈⌉ = 1 → × 2.
+        assert_eq!(refresh_period(33), REFRESH_PERIOD * 2);
+        assert_eq!(refresh_period(64), REFRESH_PERIOD * 2);
+        assert_eq!(refresh_period(100), REFRESH_PERIOD * 3);
+        assert_eq!(refresh_period(999), REFRESH_PERIOD * 6);
+        assert_eq!(refresh_period(1_000_000), REFRESH_PERIOD * 16);
     }
 }
