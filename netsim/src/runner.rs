@@ -191,8 +191,10 @@ struct Sim {
     net: SimNet,
     start: Instant,
     identities: Vec<NodeIdentity>,
-    /// The verified-chain cache every peer shares (`peers.shared_chain_checks`).
+    /// The verified-chain cache every peer shares (`peers.shared_checks`).
     chain_cache: Option<Arc<overlay::tls::ChainCache>>,
+    /// The verified-catalog cache every peer shares (`peers.shared_checks`).
+    catalog_checks: Option<Arc<overlay::catalog::signed::CheckCache>>,
     /// Node id → peer index.
     index_of: HashMap<overlay::identity::NodeId, usize>,
     services: Vec<String>,
@@ -294,6 +296,7 @@ impl Sim {
                 peer: i,
                 shared: self.backends.clone(),
             }),
+            catalog_checks: self.catalog_checks.clone(),
             ..NodeConfig::default()
         };
         if self.sc.services.require_token {
@@ -378,12 +381,16 @@ async fn simulate(
             .map(|(i, id)| (id.node_id(), i))
             .collect(),
         chain_cache: match identities.first() {
-            Some(id) if sc.peers.shared_chain_checks => Some(overlay::tls::ChainCache::new(
+            Some(id) if sc.peers.shared_checks => Some(overlay::tls::ChainCache::new(
                 id,
                 overlay::chain_cache::DEFAULT_CAPACITY.max(4 * n),
             )),
             _ => None,
         },
+        catalog_checks: sc
+            .peers
+            .shared_checks
+            .then(|| overlay::catalog::signed::CheckCache::new(64 * 1024)),
         identities,
         services: (0..placement.len()).map(|k| format!("s{k}")).collect(),
         placement,
@@ -569,6 +576,11 @@ async fn simulate(
     };
     overlay.insert("chain_checks_webpki".into(), chain.misses);
     overlay.insert("chain_checks_cached".into(), chain.hits);
+    if let Some(c) = &sim.catalog_checks {
+        let (hits, misses) = c.stats();
+        overlay.insert("catalog_checks_ed25519".into(), misses);
+        overlay.insert("catalog_checks_cached".into(), hits);
+    }
     let live: Vec<Node> = lock(&sim.nodes).iter().flatten().cloned().collect();
     let mut views = Vec::with_capacity(live.len());
     for node in &live {

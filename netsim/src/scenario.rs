@@ -344,12 +344,15 @@ pub struct Peers {
     /// with a membership-channel session (unset = the overlay's default, 2; -1 = never
     /// redirect; 0 = always).
     pub gossip_first_contacts_per_s: Option<i64>,
-    /// One verified-chain cache shared by every peer (they trust the same CA), so each
-    /// distinct certificate chain runs webpki once per run instead of once per peer that
-    /// meets it. Simulator CPU only: a chain check is a pure function of public data, so
-    /// every peer gets the answer its own check would give, and virtual time never counted
-    /// that CPU anyway. `false`: a cache per peer, as each deployed node has. Default true.
-    pub shared_chain_checks: bool,
+    /// Share the results of signature checks on public data between peers: one
+    /// verified-chain cache for every peer (they trust the same CA), so each distinct
+    /// certificate chain runs webpki once per run instead of once per peer that meets it, and
+    /// one cache of verified signed catalogs, so each origin's version runs Ed25519 once
+    /// instead of once per peer. Simulator CPU only: such a check is a pure function of the
+    /// bytes checked, so every peer gets the answer its own check would give, and virtual time
+    /// never counted that CPU anyway. `false`: a chain cache per peer and no catalog cache, as
+    /// each deployed node has. Default true.
+    pub shared_checks: bool,
 }
 
 impl Default for Peers {
@@ -373,7 +376,7 @@ impl Default for Peers {
             gossip_ms: None,
             gossip_members: 3,
             gossip_first_contacts_per_s: None,
-            shared_chain_checks: true,
+            shared_checks: true,
         }
     }
 }

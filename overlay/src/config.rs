@@ -134,6 +134,9 @@ pub struct NodeConfig {
     pub preauth: PreauthSettings,
     /// Routing: probes, summaries, relays, retries.
     pub routing: crate::routing::RoutingConfig,
+    /// Signed catalogs known to verify, shared by several nodes of one process (the
+    /// simulator's peers). `None` (the default): every new catalog version is checked.
+    pub catalog_checks: Option<Arc<crate::catalog::signed::CheckCache>>,
 }
 
 impl std::fmt::Debug for NodeConfig {
@@ -171,6 +174,7 @@ impl Default for NodeConfig {
             auth: AuthSettings::default(),
             preauth: PreauthSettings::default(),
             routing: crate::routing::RoutingConfig::default(),
+            catalog_checks: None,
         }
     }
 }

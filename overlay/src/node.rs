@@ -391,8 +391,12 @@ impl Node {
             config.tls.ticket_max_age + Duration::from_secs(60),
             config.preauth.replay_window_entries,
         );
-        let catalog_sync = catalog_sync::State::new(&identity, config.membership.cluster_size_hint)
-            .map_err(|e| NodeError::Config(format!("catalog signing key: {e}")))?;
+        let catalog_sync = catalog_sync::State::new(
+            &identity,
+            config.membership.cluster_size_hint,
+            config.catalog_checks.clone(),
+        )
+        .map_err(|e| NodeError::Config(format!("catalog signing key: {e}")))?;
         let routing_state = routing::State::new(
             &identity,
             config.generation,

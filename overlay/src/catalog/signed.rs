@@ -7,8 +7,13 @@
 //! docs/PROTOCOL.md), which must be the `node_id` the body names. So an entry is accepted only
 //! if the origin itself signed it, whoever delivered it.
 
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
 use ring::signature::{Ed25519KeyPair, KeyPair as _, UnparsedPublicKey, ED25519};
 use rustls::pki_types::PrivateKeyDer;
+use sha2::{Digest, Sha256};
 
 use crate::identity::NodeId;
 use crate::wire::{self, CatalogBody, CatalogHint, CatalogVersion, SignedCatalog};
@@ -160,27 +165,101 @@ pub fn peek_snapshot(s: &SignedCatalog) -> Result<(NodeId, CatalogVersion), Sign
     Ok((body.node_id, body.version))
 }
 
+/// Signatures that verified, remembered by a SHA-256 over (context, key, body, signature), so
+/// the same signed bytes are checked once. An Ed25519 check is a pure function of those bytes,
+/// so a hit answers what the check would. Nodes do not need one (each new version reaches a
+/// node's check once: older and equal versions are refused before it); the simulator shares one
+/// across its peers, which would otherwise each check every origin's every version. Bounded:
+/// `capacity` entries, then it starts over; failures are never remembered.
+#[derive(Debug)]
+pub struct CheckCache {
+    capacity: usize,
+    seen: Mutex<HashSet<[u8; 32]>>,
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+impl CheckCache {
+    /// A cache of at most `capacity` signatures.
+    pub fn new(capacity: usize) -> Arc<Self> {
+        Arc::new(Self {
+            capacity,
+            seen: Mutex::new(HashSet::new()),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+        })
+    }
+
+    /// (hits, misses) so far; a miss ran Ed25519.
+    pub fn stats(&self) -> (u64, u64) {
+        (
+            self.hits.load(Ordering::Relaxed),
+            self.misses.load(Ordering::Relaxed),
+        )
+    }
+
+    fn key(context: &[u8], s: &SignedCatalog) -> [u8; 32] {
+        let mut h = Sha256::new();
+        for part in [context, &s.key[..], &s.body[..], &s.signature[..]] {
+            h.update((part.len() as u64).to_be_bytes());
+            h.update(part);
+        }
+        h.finalize().into()
+    }
+}
+
 /// Checks that `s` was signed by `node_id`'s key under `context`.
-pub(crate) fn check(context: &[u8], s: &SignedCatalog, node_id: NodeId) -> Result<(), SignedError> {
+pub(crate) fn check(
+    context: &[u8],
+    s: &SignedCatalog,
+    node_id: NodeId,
+    cache: Option<&CheckCache>,
+) -> Result<(), SignedError> {
     if node_id_of_key(&s.key) != node_id {
         return Err(SignedError::KeyMismatch(node_id));
+    }
+    let key = cache.map(|c| (c, CheckCache::key(context, s)));
+    if let Some((c, k)) = &key {
+        if c.seen.lock().unwrap_or_else(|e| e.into_inner()).contains(k) {
+            c.hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        c.misses.fetch_add(1, Ordering::Relaxed);
     }
     let mut msg = Vec::with_capacity(context.len() + s.body.len());
     msg.extend_from_slice(context);
     msg.extend_from_slice(&s.body);
     UnparsedPublicKey::new(&ED25519, &s.key)
         .verify(&msg, &s.signature)
-        .map_err(|_| SignedError::BadSignature(node_id))
+        .map_err(|_| SignedError::BadSignature(node_id))?;
+    if let Some((c, k)) = key {
+        let mut seen = c.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.len() >= c.capacity {
+            seen.clear();
+        }
+        if c.capacity > 0 {
+            seen.insert(k);
+        }
+    }
+    Ok(())
 }
 
 /// Checks a signed snapshot: the body decodes within limits, the key is the origin's, the
 /// signature verifies.
 pub fn verify_snapshot(s: &SignedCatalog) -> Result<VerifiedCatalog, SignedError> {
+    verify_snapshot_cached(s, None)
+}
+
+/// [`verify_snapshot`], answered from `cache` for signed bytes it has seen verify.
+pub fn verify_snapshot_cached(
+    s: &SignedCatalog,
+    cache: Option<&CheckCache>,
+) -> Result<VerifiedCatalog, SignedError> {
     if s.body.len() > wire::MAX_SIGNED_BODY_LEN || s.signature.len() != 64 {
         return Err(wire::WireError::Malformed("bad signed catalog sizes".into()).into());
     }
     let body = wire::decode_catalog_body(&s.body)?;
-    check(SNAPSHOT_CONTEXT, s, body.node_id)?;
+    check(SNAPSHOT_CONTEXT, s, body.node_id, cache)?;
     Ok(VerifiedCatalog {
         body,
         signed: s.clone(),
@@ -193,7 +272,7 @@ pub fn verify_hint(s: &SignedCatalog) -> Result<CatalogHint, SignedError> {
         return Err(wire::WireError::Malformed("bad signed catalog sizes".into()).into());
     }
     let hint = wire::decode_catalog_hint(&s.body)?;
-    check(HINT_CONTEXT, s, hint.node_id)?;
+    check(HINT_CONTEXT, s, hint.node_id, None)?;
     Ok(hint)
 }
 
@@ -204,6 +283,36 @@ mod tests {
 
     fn v(generation: u64, seq: u64) -> CatalogVersion {
         CatalogVersion { generation, seq }
+    }
+
+    #[test]
+    fn a_check_cache_answers_only_for_bytes_that_verified() {
+        let id = identity("a");
+        let s = CatalogSigner::new(&id.key).unwrap();
+        let good = s.sign_snapshot(v(1, 2), vec!["db".into()]).unwrap();
+        let cache = CheckCache::new(16);
+        for _ in 0..3 {
+            assert_eq!(
+                verify_snapshot_cached(&good, Some(&cache)).unwrap(),
+                verify_snapshot(&good).unwrap()
+            );
+        }
+        assert_eq!(cache.stats(), (2, 1), "one Ed25519 check, then hits");
+        // A forged signature on the same body is checked, refused and not remembered.
+        let mut forged = good.clone();
+        forged.signature[0] ^= 1;
+        for _ in 0..2 {
+            assert!(matches!(
+                verify_snapshot_cached(&forged, Some(&cache)),
+                Err(SignedError::BadSignature(_))
+            ));
+        }
+        assert_eq!(cache.stats(), (2, 3));
+        // Capacity 0 remembers nothing.
+        let off = CheckCache::new(0);
+        verify_snapshot_cached(&good, Some(&off)).unwrap();
+        verify_snapshot_cached(&good, Some(&off)).unwrap();
+        assert_eq!(off.stats(), (0, 2));
     }
 
     #[test]

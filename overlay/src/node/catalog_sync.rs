@@ -83,14 +83,18 @@ pub(super) struct State {
     signer: CatalogSigner,
     gossip: Mutex<Gossip>,
     hint_pulls: Mutex<std::collections::HashSet<NodeId>>,
+    /// Signed catalogs known to verify (`NodeConfig::catalog_checks`).
+    checks: Option<Arc<signed::CheckCache>>,
 }
 
 impl State {
     pub(super) fn new(
         identity: &NodeIdentity,
         cluster_size_hint: u32,
+        checks: Option<Arc<signed::CheckCache>>,
     ) -> Result<Self, SignedError> {
         Ok(Self {
+            checks,
             signer: CatalogSigner::new(&identity.key)?,
             gossip: Mutex::new(Gossip::new(transmissions_for(
                 cluster_size_hint.max(1) as usize
@@ -194,7 +198,7 @@ fn apply_signed(inner: &Inner, s: &SignedCatalog) -> Result<Applied, SignedError
         debug!(origin = %origin.fmt_short(), "catalog of a revoked node refused");
         return Ok(Applied::Stale);
     }
-    let verified = signed::verify_snapshot(s)?;
+    let verified = signed::verify_snapshot_cached(s, inner.catalog_sync.checks.as_deref())?;
     let applied = write(&inner.catalog).apply_verified(verified);
     if applied == Applied::Changed {
         notify(inner);

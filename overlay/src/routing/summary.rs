@@ -39,7 +39,7 @@ pub fn verify(s: &SignedCatalog) -> Result<RouteSummary, SignedError> {
         return Err(wire::WireError::Malformed("bad signature size".into()).into());
     }
     let summary = wire::decode_route_summary(&s.body)?;
-    check(ROUTES_CONTEXT, s, summary.node_id)?;
+    check(ROUTES_CONTEXT, s, summary.node_id, None)?;
     Ok(summary)
 }
 
