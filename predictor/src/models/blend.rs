@@ -725,9 +725,8 @@ impl Blend {
         if self.params.gate > 0.0 {
             if let Some(own) = t[CLIENT][0] {
                 cands.mark_seen(own);
-                let items = cands.as_mut_slice();
                 let (mut seen, mut new) = (0.0f32, 0.0f32);
-                for it in items.iter() {
+                for it in cands.as_slice() {
                     if it.seen {
                         seen += it.score;
                     } else {
@@ -741,14 +740,9 @@ impl Blend {
                     let g = self.params.gate.min(1.0) * n
                         / (n + self.params.trust.max(0.0) + f32::MIN_POSITIVE);
                     let total = seen + new;
-                    for it in items.iter_mut() {
-                        let gated = if it.seen {
-                            rho / seen
-                        } else {
-                            (1.0 - rho) / new
-                        };
-                        it.score *= g * gated * total + (1.0 - g);
-                    }
+                    // Each score is multiplied by its class's factor when read (`Cands`).
+                    let factor = |gated: f32| g * gated * total + (1.0 - g);
+                    cands.set_gate(factor((1.0 - rho) / new), factor(rho / seen));
                 }
             }
         }
