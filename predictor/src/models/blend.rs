@@ -721,7 +721,8 @@ impl Blend {
         memo: &mut Memo,
         cands: &mut Cands,
     ) -> Option<&'a Dist> {
-        let t = self.core.view(c).d;
+        let mut t = [[None; SLOTS]; 3];
+        self.core.view_into(c, &mut t);
         let stats = stats_of(&t);
         let ex = memo.recompute(&stats, self.core.his, self.low());
         let skill = if c.events >= self.params.own_after {

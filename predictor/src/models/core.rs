@@ -348,6 +348,13 @@ impl<X: Clone> Core<X> {
     /// The count tables of `c`'s current context.
     pub fn view(&self, c: &ClientState<X>) -> View<'_> {
         let mut d = [[None; SLOTS]; 3];
+        self.view_into(c, &mut d);
+        View { d }
+    }
+
+    /// [`Core::view`] written into `d` (which must be all `None`): returning the 144-byte
+    /// array is a `memcpy` call.
+    pub fn view_into<'a>(&'a self, c: &ClientState<X>, d: &mut [[Option<&'a Dist>; SLOTS]; 3]) {
         for (scope, id) in self.scope_ids(c).into_iter().enumerate() {
             let Some(id) = id else { continue };
             let hints = c.cur.of(scope, id);
@@ -374,7 +381,6 @@ impl<X: Clone> Core<X> {
                 *slot = find(hints[order], &|| Self::key(id, &c.hist, order));
             }
         }
-        View { d }
     }
 
     /// Counts `service` in every context of `client` (which must have been touched), then
