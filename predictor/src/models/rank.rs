@@ -187,9 +187,9 @@ impl Cands {
         if k == 0 {
             return;
         }
-        if k <= SMALL_K {
+        let mut top = [Cand::default(); SMALL_K];
+        let best: &[Cand] = if k <= SMALL_K {
             // One pass with a small sorted buffer: far cheaper than selecting for k = 3.
-            let mut top = [Cand::default(); SMALL_K];
             let mut n = 0;
             for c in items.iter() {
                 let c = &Cand {
@@ -209,7 +209,8 @@ impl Cands {
                 top[i] = *c;
                 n = (n + 1).min(k);
             }
-            items[..k].copy_from_slice(&top[..k]);
+            // Written from the buffer (copying it back into `items` was a `memcpy` call).
+            &top[..k]
         } else {
             for c in items.iter_mut() {
                 c.score *= gate[usize::from(c.seen)];
@@ -218,8 +219,9 @@ impl Cands {
                 items.select_nth_unstable_by(k - 1, better);
             }
             items[..k].sort_unstable_by(better);
-        }
-        for c in items[..k].iter() {
+            &items[..k]
+        };
+        for c in best {
             if c.score.is_nan() || c.score <= 0.0 {
                 break;
             }
