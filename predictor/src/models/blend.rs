@@ -676,6 +676,8 @@ impl Blend {
         };
         cands.clear();
         let own = self.rank(c, memo, cands);
+        // The client's used services join after the gate, ungated.
+        cands.apply_gate();
         let skill = &c.ext;
         for u in &skill.uses {
             cands.add(u.service, 0.0, 0.0);

@@ -159,6 +159,17 @@ impl Cands {
         self.gate = [1.0; 2];
     }
 
+    /// Multiplies every score by its gate factor now (and resets the gate): for a caller that
+    /// adds candidates after gating, which the gate must not touch (as an eager pass left them
+    /// untouched, also where a factor is not finite).
+    pub fn apply_gate(&mut self) {
+        let gate = self.gate;
+        for c in &mut self.items[..self.len] {
+            c.score *= gate[usize::from(c.seen)];
+        }
+        self.gate = [1.0; 2];
+    }
+
     /// The candidates, scores not gated.
     pub fn as_slice(&self) -> &[Cand] {
         &self.items[..self.len]
@@ -295,7 +306,8 @@ mod tests {
 
     /// The repeat gate applied when scores are read (`set_gate`) gives the same rankings,
     /// probabilities and expected times, bit for bit, as multiplying every candidate's score
-    /// by its factor first; for the small-k and the sorting path, and through `rescore`.
+    /// by its factor first; for the small-k and the sorting path, through `rescore`, and with
+    /// candidates added after `apply_gate` (also for a factor that is not finite).
     #[test]
     fn the_lazy_gate_matches_an_eager_rescale() {
         let mut x = 0x9E37_79B9_7F4A_7C15u64;
@@ -322,14 +334,27 @@ mod tests {
             for _ in 0..next(30) {
                 own.observe(next(200) as u32 * 128, 0, 0.0, &decay);
             }
-            let gate = [next(3000) as f32 / 1013.0, next(3000) as f32 / 1013.0];
+            let mut gate = [next(3000) as f32 / 1013.0, next(3000) as f32 / 1013.0];
+            if round % 50 == 7 {
+                // A factor that is not finite (a tiny share of new candidates).
+                gate[0] = f32::INFINITY;
+            }
             for k in [1, 3, 8, 20, 100] {
                 let (mut lazy, mut reference) = filled(&mut next, &own);
                 lazy.set_gate(gate[0], gate[1]);
                 eager(&mut reference, gate);
                 let (mut a, mut b) = (Vec::new(), Vec::new());
                 let at = Millis(1_000 + round);
-                if round % 2 == 0 {
+                if round % 3 == 0 {
+                    lazy.finish(k, 900, at, &mut a);
+                    reference.finish(k, 900, at, &mut b);
+                } else if round % 3 == 1 {
+                    // Candidates added after the gate was applied are not gated.
+                    lazy.apply_gate();
+                    for c in [&mut lazy, &mut reference] {
+                        c.add(7, 0.0, 0.0);
+                        c.add(128, 0.3, 10.0);
+                    }
                     lazy.finish(k, 900, at, &mut a);
                     reference.finish(k, 900, at, &mut b);
                 } else {
