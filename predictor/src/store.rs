@@ -222,9 +222,16 @@ impl Dist {
                 }
             }
         };
-        while i > 0 && self.entries[i - 1].count < self.entries[i].count {
-            self.entries.swap(i - 1, i);
-            i -= 1;
+        // Move the entry up past every entry before it counted less (ties keep the older entry
+        // first): shift that run down by one and write the entry once, instead of swapping it
+        // up one place at a time. An entry that stays (the common case) is not touched.
+        if i > 0 && self.entries[i - 1].count < self.entries[i].count {
+            let e = self.entries[i];
+            while i > 0 && self.entries[i - 1].count < e.count {
+                self.entries[i] = self.entries[i - 1];
+                i -= 1;
+            }
+            self.entries[i] = e;
         }
         (before, i)
     }
@@ -761,6 +768,66 @@ mod tests {
         // 4 replaced the least counted entry (1); 3 leads with three.
         assert_eq!(order, vec![3, 2, 4]);
         assert!((dist.total - 7.0).abs() < 1e-6);
+    }
+
+    /// The entry whose count grew moves up past every entry counted less, and stops at the
+    /// first counted as much or more (ties keep the older entry first), exactly as the
+    /// one-place swaps it replaced did.
+    #[test]
+    fn dist_moves_an_entry_past_the_less_counted_only() {
+        let d = Decay::new(1e9, 6);
+        let mut dist = Dist::default();
+        // Counts 3, 2, 2, 1: service 3's second count ties with the 2s and stays behind them;
+        // its third passes them but not service 0.
+        for s in [0, 0, 0, 1, 1, 2, 2, 3] {
+            dist.observe(s, 0, 0.0, &d);
+        }
+        let order = |dist: &Dist| dist.entries.iter().map(|e| e.service).collect::<Vec<_>>();
+        assert_eq!(order(&dist), vec![0, 1, 2, 3]);
+        assert_eq!(dist.observe(3, 0, 0.0, &d).1, 3, "a tie does not move");
+        assert_eq!(order(&dist), vec![0, 1, 2, 3]);
+        assert_eq!(dist.observe(3, 0, 0.0, &d).1, 1, "past the 2s, not the 3");
+        assert_eq!(order(&dist), vec![0, 3, 1, 2]);
+        // Against the swaps, on random sorted tables with one count raised by one (no decay:
+        // the same `at`), ties included.
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        let d = Decay::new(1e9, 24);
+        for _ in 0..20_000 {
+            let len = 1 + next(24) as usize;
+            let mut counts: Vec<f32> = (0..len).map(|_| next(6) as f32 + 1.0).collect();
+            counts.sort_by(|a, b| b.total_cmp(a));
+            let mut dist = Dist {
+                entries: counts
+                    .iter()
+                    .enumerate()
+                    .map(|(s, &count)| Entry {
+                        service: s as u32,
+                        count,
+                        delay_ms: 0.0,
+                        child: s as u32,
+                    })
+                    .collect(),
+                total: counts.iter().sum(),
+                last_at: 5,
+                scale: 1.0,
+            };
+            let i = next(len as u64) as usize;
+            let mut swapped = dist.entries.clone();
+            swapped[i].count += 1.0;
+            let mut j = i;
+            while j > 0 && swapped[j - 1].count < swapped[j].count {
+                swapped.swap(j - 1, j);
+                j -= 1;
+            }
+            assert_eq!(dist.observe(i as u32, 5, 0.0, &d).1, j);
+            assert_eq!(dist.entries, swapped);
+        }
     }
 
     #[test]

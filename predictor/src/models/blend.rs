@@ -355,7 +355,6 @@ struct Scratch {
 }
 
 /// The memo's content, filled in place; `valid` until the first fill.
-#[derive(Default)]
 struct Memo {
     valid: bool,
     /// The bits of the statistics the experts were computed from: equal bits give equal
@@ -364,13 +363,35 @@ struct Memo {
     ex: Experts,
 }
 
-/// [`Stats`] as bits, `[scope][slot][total, distinct]`.
-type StatBits = [[[u32; 2]; SLOTS]; 3];
+impl Default for Memo {
+    fn default() -> Self {
+        Self {
+            valid: false,
+            key: [0; 3 * SLOTS * 2],
+            ex: Experts::default(),
+        }
+    }
+}
+
+/// [`Stats`] as bits, flat: `(scope · SLOTS + slot) · 2` + 0 (total) or 1 (distinct).
+type StatBits = [u32; 3 * SLOTS * 2];
 
 fn stat_bits(stats: &Stats) -> StatBits {
-    std::array::from_fn(|s| {
-        std::array::from_fn(|i| [stats[s][i].0.to_bits(), stats[s][i].1.to_bits()])
+    std::array::from_fn(|k| {
+        let (n, u) = stats[k / (2 * SLOTS)][k / 2 % SLOTS];
+        if k % 2 == 0 {
+            n.to_bits()
+        } else {
+            u.to_bits()
+        }
     })
+}
+
+/// `a == b` as one OR of XORs over the words (vector instructions; the derived comparison
+/// of the 144-byte keys is a `memcmp` call).
+#[inline]
+fn same_bits(a: &StatBits, b: &StatBits) -> bool {
+    a.iter().zip(b).fold(0, |d, (x, y)| d | (x ^ y)) == 0
 }
 
 impl Memo {
@@ -378,7 +399,7 @@ impl Memo {
     #[inline]
     fn experts(&mut self, stats: &Stats, his: [usize; 3], lo: usize) -> &Experts {
         let key = stat_bits(stats);
-        if !(self.valid && self.key == key) {
+        if !(self.valid && same_bits(&self.key, &key)) {
             self.store(key, stats, his, lo);
         }
         &self.ex
@@ -389,10 +410,9 @@ impl Memo {
     #[inline]
     fn recompute(&mut self, stats: &Stats, his: [usize; 3], lo: usize) -> &Experts {
         // The key written in place (a `StatBits` built and moved in is a `memcpy` call).
-        for (k, st) in self.key.iter_mut().zip(stats) {
-            for (k, &(n, u)) in k.iter_mut().zip(st) {
-                *k = [n.to_bits(), u.to_bits()];
-            }
+        for (k, &(n, u)) in self.key.chunks_exact_mut(2).zip(stats.iter().flatten()) {
+            k[0] = n.to_bits();
+            k[1] = u.to_bits();
         }
         self.valid = true;
         self.ex.fill(stats, his, lo);
@@ -656,6 +676,8 @@ impl Blend {
         };
         cands.clear();
         let own = self.rank(c, memo, cands);
+        // The client's used services join after the gate, ungated.
+        cands.apply_gate();
         let skill = &c.ext;
         for u in &skill.uses {
             cands.add(u.service, 0.0, 0.0);
@@ -701,7 +723,8 @@ impl Blend {
         memo: &mut Memo,
         cands: &mut Cands,
     ) -> Option<&'a Dist> {
-        let t = self.core.view(c).d;
+        let mut t = [[None; SLOTS]; 3];
+        self.core.view_into(c, &mut t);
         let stats = stats_of(&t);
         let ex = memo.recompute(&stats, self.core.his, self.low());
         let skill = if c.events >= self.params.own_after {
@@ -725,9 +748,8 @@ impl Blend {
         if self.params.gate > 0.0 {
             if let Some(own) = t[CLIENT][0] {
                 cands.mark_seen(own);
-                let items = cands.as_mut_slice();
                 let (mut seen, mut new) = (0.0f32, 0.0f32);
-                for it in items.iter() {
+                for it in cands.as_slice() {
                     if it.seen {
                         seen += it.score;
                     } else {
@@ -741,14 +763,9 @@ impl Blend {
                     let g = self.params.gate.min(1.0) * n
                         / (n + self.params.trust.max(0.0) + f32::MIN_POSITIVE);
                     let total = seen + new;
-                    for it in items.iter_mut() {
-                        let gated = if it.seen {
-                            rho / seen
-                        } else {
-                            (1.0 - rho) / new
-                        };
-                        it.score *= g * gated * total + (1.0 - g);
-                    }
+                    // Each score is multiplied by its class's factor when read (`Cands`).
+                    let factor = |gated: f32| g * gated * total + (1.0 - g);
+                    cands.set_gate(factor((1.0 - rho) / new), factor(rho / seen));
                 }
             }
         }

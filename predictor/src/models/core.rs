@@ -224,8 +224,9 @@ pub(crate) struct Pre {
 pub(crate) const BAG_SLOT: usize = MAX_ORDER + 1;
 
 /// Context tables (order or bag) updated by one event in one scope: `(hint, position of the
-/// service in the table)`.
-type Updated = [Option<(Hint, usize)>; SLOTS];
+/// service in the table)`, [`NO_HINT`] for a table not updated (a sentinel rather than an
+/// `Option`: [`Slab::check`] refuses it like any stale hint, so no separate branch).
+type Updated = [(Hint, usize); SLOTS];
 
 impl Stamped for GroupState {
     fn last_at(&self) -> u64 {
@@ -347,6 +348,13 @@ impl<X: Clone> Core<X> {
     /// The count tables of `c`'s current context.
     pub fn view(&self, c: &ClientState<X>) -> View<'_> {
         let mut d = [[None; SLOTS]; 3];
+        self.view_into(c, &mut d);
+        View { d }
+    }
+
+    /// [`Core::view`] written into `d` (which must be all `None`): returning the 144-byte
+    /// array is a `memcpy` call.
+    pub fn view_into<'a>(&'a self, c: &ClientState<X>, d: &mut [[Option<&'a Dist>; SLOTS]; 3]) {
         for (scope, id) in self.scope_ids(c).into_iter().enumerate() {
             let Some(id) = id else { continue };
             let hints = c.cur.of(scope, id);
@@ -373,7 +381,6 @@ impl<X: Clone> Core<X> {
                 *slot = find(hints[order], &|| Self::key(id, &c.hist, order));
             }
         }
-        View { d }
     }
 
     /// Counts `service` in every context of `client` (which must have been touched), then
@@ -590,7 +597,7 @@ fn learn_client<'c, X>(
             continue;
         };
         let hints = c.cur.of(scope, id);
-        let mut done: Updated = [None; SLOTS];
+        let mut done: Updated = [(NO_HINT, 0); SLOTS];
         for slot in (lo..=hi).chain(bag.then_some(BAG_SLOT)) {
             // A valid hint is this context's table (see `Handles`); the key is only built
             // when it is not.
@@ -621,7 +628,7 @@ fn learn_client<'c, X>(
                     count,
                 },
             );
-            done[slot] = Some((ctx.hint(s), pos));
+            done[slot] = (ctx.hint(s), pos);
         }
         c.cur.ids[scope] = Some(id);
         c.cur.h[scope] = next_handles(ctx, (lo, hi, bag), scope, id, &done, &next_hist);
@@ -698,7 +705,8 @@ fn next_handles(
     let mut out = [NO_HINT; SLOTS];
     // Tables updated by this event are still valid unless a later upsert evicted them.
     let live = |ctx: &Slab<CtxKey, Dist>, k: usize| {
-        done[k].and_then(|(h, pos)| ctx.check(h).map(|s| (s, pos)))
+        let (h, pos) = done[k];
+        ctx.check(h).map(|s| (s, pos))
     };
     for order in lo..=hi {
         // Order 0 has no history: the same table again.

@@ -42,6 +42,12 @@ pub(crate) struct Cands {
     len: usize,
     /// `index[h]` = 1 + position in `items`, 0 = empty; linear probing.
     index: [u8; INDEX],
+    /// `keys[h]` = the service of the candidate `index[h]` points to (meaningless where
+    /// `index[h]` is 0, so never cleared): a probe compares services without reading `items`.
+    keys: [u32; INDEX],
+    /// Factor of every candidate's score, by `seen` (`[new, seen]`): the repeat gate
+    /// ([`Cands::set_gate`]), applied when scores are read rather than written into each.
+    gate: [f32; 2],
 }
 
 impl Default for Cands {
@@ -57,14 +63,18 @@ impl Cands {
             items: [Cand::default(); MAX_CANDS],
             len: 0,
             index: [0; INDEX],
+            keys: [0; INDEX],
+            gate: [1.0; 2],
         }
     }
 
-    /// Empties the set (only the index is cleared: items past `len` are never read).
+    /// Empties the set (only the index is cleared: items past `len` and keys of empty index
+    /// slots are never read).
     #[inline]
     pub fn clear(&mut self) {
         self.len = 0;
         self.index = [0; INDEX];
+        self.gate = [1.0; 2];
     }
 
     /// Position of `service` in `items`, or the empty index slot where it would go.
@@ -74,9 +84,7 @@ impl Cands {
         loop {
             match self.index[h] {
                 0 => return Err(h),
-                i if self.items[usize::from(i) - 1].service == service => {
-                    return Ok(usize::from(i) - 1)
-                }
+                i if self.keys[h] == service => return Ok(usize::from(i) - 1),
                 _ => h = (h + 1) & (INDEX - 1),
             }
         }
@@ -100,6 +108,7 @@ impl Cands {
                 self.len += 1;
                 // MAX_CANDS < 255, so the position fits the u8 index.
                 self.index[slot] = self.len as u8;
+                self.keys[slot] = service;
             }
             Err(_) => {}
         }
@@ -135,22 +144,51 @@ impl Cands {
 
     /// Replaces every candidate's score and expected delay by `f(candidate)` =
     /// `(score, delay_ms)`; the delay then counts from the `last_at` given to `finish`.
+    /// `f` sees the gated score (see [`Cands::set_gate`]); the new scores are final.
     pub fn rescore(&mut self, mut f: impl FnMut(&Cand) -> (f32, f32)) {
+        let gate = self.gate;
         for c in &mut self.items[..self.len] {
-            let (score, delay) = f(c);
+            let gated = Cand {
+                score: c.score * gate[usize::from(c.seen)],
+                ..*c
+            };
+            let (score, delay) = f(&gated);
             c.score = score;
             c.delay_w = score * delay;
         }
+        self.gate = [1.0; 2];
     }
 
-    pub fn as_mut_slice(&mut self) -> &mut [Cand] {
-        &mut self.items[..self.len]
+    /// Multiplies every score by its gate factor now (and resets the gate): for a caller that
+    /// adds candidates after gating, which the gate must not touch (as an eager pass left them
+    /// untouched, also where a factor is not finite).
+    pub fn apply_gate(&mut self) {
+        let gate = self.gate;
+        for c in &mut self.items[..self.len] {
+            c.score *= gate[usize::from(c.seen)];
+        }
+        self.gate = [1.0; 2];
+    }
+
+    /// The candidates, scores not gated.
+    pub fn as_slice(&self) -> &[Cand] {
+        &self.items[..self.len]
+    }
+
+    /// Multiplies the score of every candidate not seen by `new` and of every seen one
+    /// (flagged by [`Cands::mark_seen`]) by `seen` — when the scores are read (by
+    /// [`Cands::finish`] or [`Cands::rescore`]), so the gate costs no pass of its own. The
+    /// product is the one an eager `score *= factor` would store, so results are the same
+    /// bits (test `the_lazy_gate_matches_an_eager_rescale`).
+    pub fn set_gate(&mut self, new: f32, seen: f32) {
+        self.gate = [new, seen];
     }
 
     /// Writes the best `k` into `out`, best first; `last_at` is the client's last event time,
     /// from which the learned delays count.
     pub fn finish(&mut self, k: usize, last_at: u64, at: Millis, out: &mut Vec<Prediction>) {
         out.clear();
+        let gate = self.gate;
         let items = &mut self.items[..self.len];
         // Best first: higher score, then smaller service id (a total order, so selecting the
         // top k and sorting only those gives exactly the head of a full sort).
@@ -160,11 +198,15 @@ impl Cands {
         if k == 0 {
             return;
         }
-        if k <= SMALL_K {
+        let mut top = [Cand::default(); SMALL_K];
+        let best: &[Cand] = if k <= SMALL_K {
             // One pass with a small sorted buffer: far cheaper than selecting for k = 3.
-            let mut top = [Cand::default(); SMALL_K];
             let mut n = 0;
             for c in items.iter() {
+                let c = &Cand {
+                    score: c.score * gate[usize::from(c.seen)],
+                    ..*c
+                };
                 // Fast reject: a score below the k-th best (plain float comparison, which
                 // implies `total_cmp` agrees) cannot enter; anything else takes the full test.
                 if n == k && (c.score < top[k - 1].score || better(c, &top[k - 1]).is_ge()) {
@@ -178,14 +220,19 @@ impl Cands {
                 top[i] = *c;
                 n = (n + 1).min(k);
             }
-            items[..k].copy_from_slice(&top[..k]);
+            // Written from the buffer (copying it back into `items` was a `memcpy` call).
+            &top[..k]
         } else {
+            for c in items.iter_mut() {
+                c.score *= gate[usize::from(c.seen)];
+            }
             if k < items.len() {
                 items.select_nth_unstable_by(k - 1, better);
             }
             items[..k].sort_unstable_by(better);
-        }
-        for c in items[..k].iter() {
+            &items[..k]
+        };
+        for c in best {
             if c.score.is_nan() || c.score <= 0.0 {
                 break;
             }
@@ -234,5 +281,94 @@ pub(crate) fn ppm_chain<const N: usize>(
             out[i] = esc / (n + u);
             esc *= u / (n + u);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Decay, Dist};
+
+    /// Two candidate sets filled alike: random services (colliding in the index), scores and
+    /// delays, the services of a random "own" table flagged seen.
+    fn filled(next: &mut impl FnMut(u64) -> u64, own: &Dist) -> (Cands, Cands) {
+        let (mut a, mut b) = (Cands::new(), Cands::new());
+        for _ in 0..next(90) {
+            let s = next(200) as u32 * 128;
+            let (score, delay) = (next(1000) as f32 / 997.0, next(5000) as f32);
+            a.add(s, score, delay);
+            b.add(s, score, delay);
+        }
+        a.mark_seen(own);
+        b.mark_seen(own);
+        (a, b)
+    }
+
+    /// The repeat gate applied when scores are read (`set_gate`) gives the same rankings,
+    /// probabilities and expected times, bit for bit, as multiplying every candidate's score
+    /// by its factor first; for the small-k and the sorting path, through `rescore`, and with
+    /// candidates added after `apply_gate` (also for a factor that is not finite).
+    #[test]
+    fn the_lazy_gate_matches_an_eager_rescale() {
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        let decay = Decay::new(1e9, 24);
+        let eager = |c: &mut Cands, gate: [f32; 2]| {
+            for it in &mut c.items[..c.len] {
+                it.score *= gate[usize::from(it.seen)];
+            }
+        };
+        let bits = |out: &[Prediction]| -> Vec<(u32, u64, u64)> {
+            out.iter()
+                .map(|p| (p.service.0, p.probability.to_bits(), p.expected_in_ms))
+                .collect()
+        };
+        let mut gated = 0;
+        for round in 0..3_000u64 {
+            let mut own = Dist::default();
+            for _ in 0..next(30) {
+                own.observe(next(200) as u32 * 128, 0, 0.0, &decay);
+            }
+            let mut gate = [next(3000) as f32 / 1013.0, next(3000) as f32 / 1013.0];
+            if round % 50 == 7 {
+                // A factor that is not finite (a tiny share of new candidates).
+                gate[0] = f32::INFINITY;
+            }
+            for k in [1, 3, 8, 20, 100] {
+                let (mut lazy, mut reference) = filled(&mut next, &own);
+                lazy.set_gate(gate[0], gate[1]);
+                eager(&mut reference, gate);
+                let (mut a, mut b) = (Vec::new(), Vec::new());
+                let at = Millis(1_000 + round);
+                if round % 3 == 0 {
+                    lazy.finish(k, 900, at, &mut a);
+                    reference.finish(k, 900, at, &mut b);
+                } else if round % 3 == 1 {
+                    // Candidates added after the gate was applied are not gated.
+                    lazy.apply_gate();
+                    for c in [&mut lazy, &mut reference] {
+                        c.add(7, 0.0, 0.0);
+                        c.add(128, 0.3, 10.0);
+                    }
+                    lazy.finish(k, 900, at, &mut a);
+                    reference.finish(k, 900, at, &mut b);
+                } else {
+                    // `rescore` sees the gated scores, then they are final.
+                    let f = |c: &Cand| (c.score * 0.5 + 0.01, c.delay_ms() + 3.0);
+                    lazy.rescore(f);
+                    reference.rescore(f);
+                    lazy.finish(k, 1_000, at, &mut a);
+                    reference.finish(k, 1_000, at, &mut b);
+                }
+                assert_eq!(bits(&a), bits(&b), "round {round} k {k}");
+                gated += usize::from(gate != [1.0; 2] && !a.is_empty());
+            }
+        }
+        assert!(gated > 10_000, "{gated}");
     }
 }
