@@ -712,11 +712,18 @@ where
                             member.incarnation() == incarnation
                         })
                     {
+                        // meshd: `apply_existing_if` answers for any known member, also when
+                        // the condition failed (the member refuted the suspicion meanwhile).
+                        // Upstream then still sent it `TurnUndead`, which makes a live,
+                        // refuted member rejoin under a new identity; with a suspect-to-down
+                        // timer on every member that heard the suspicion (item 6), every one
+                        // of them did. Only a member declared down here is told so.
+                        let declared_down = summary.apply_successful;
                         self.handle_apply_summary(summary, as_down, true, &mut runtime)?;
                         // Member went down we might need to adjust our internal state
                         self.adjust_connection_state(&mut runtime);
 
-                        if self.config.notify_down_members {
+                        if declared_down && self.config.notify_down_members {
                             // As a courtesy, we send a lightweight message to the member
                             // we're declaring down so that if it manages to receive it,
                             // it can react accordingly
@@ -3881,6 +3888,44 @@ mod tests {
 
         // The runtime should be instructed to send a TurnUndead message to `probed`
         expect_message!(runtime, probed, Message::<ID>::TurnUndead);
+    }
+
+    #[test]
+    fn a_refuted_suspicions_timer_does_not_notify_the_member() -> Result<()> {
+        let config = Config {
+            notify_down_members: true,
+            ..config()
+        };
+        let mut foca = Foca::new(ID::new(1), config, rng(), codec());
+        let mut runtime = AccumulatingRuntime::new();
+        foca.apply(Member::alive(ID::new(2)), &mut runtime)?;
+        foca.apply(Member::alive(ID::new(3)), &mut runtime)?;
+        // ID=2 was suspected at incarnation 1 and refuted it (alive at 2).
+        foca.apply_many(
+            core::iter::once(Member::new(ID::new(2), 1, State::Suspect)),
+            true,
+            &mut runtime,
+        )?;
+        foca.apply_many(
+            core::iter::once(Member::new(ID::new(2), 2, State::Alive)),
+            true,
+            &mut runtime,
+        )?;
+        runtime.clear();
+        let stale = Timer::ChangeSuspectToDown {
+            member_id: ID::new(2),
+            incarnation: 1,
+            token: foca.timer_token(),
+        };
+        assert_eq!(Ok(()), foca.handle_timer(stale, &mut runtime));
+        reject_notification!(runtime, Notification::MemberDown(&ID::new(2)));
+        // Nothing is sent to it (upstream sent `TurnUndead`, making it rejoin).
+        assert!(
+            runtime.take_data(ID::new(2)).is_none(),
+            "a live member that refuted its suspicion is not told it is down"
+        );
+        assert_eq!(2, foca.num_members());
+        Ok(())
     }
 
     #[test]
