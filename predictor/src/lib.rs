@@ -30,6 +30,18 @@ pub mod predictor;
 mod store;
 pub mod trace;
 
+/// A seeded xorshift64 for tests: `next(n)` is uniform-ish in `0..n`.
+#[cfg(test)]
+pub(crate) fn test_rng(seed: u64) -> impl FnMut(u64) -> u64 {
+    let mut x = seed;
+    move |n: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n
+    }
+}
+
 use serde::{Deserialize, Serialize};
 
 pub use crate::group::GroupRule;

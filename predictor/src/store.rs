@@ -790,13 +790,7 @@ mod tests {
         assert_eq!(order(&dist), vec![0, 3, 1, 2]);
         // Against the swaps, on random sorted tables with one count raised by one (no decay:
         // the same `at`), ties included.
-        let mut x = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move |n: u64| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x % n
-        };
+        let mut next = crate::test_rng(0x2545_f491_4f6c_dd1du64);
         let d = Decay::new(1e9, 24);
         for _ in 0..20_000 {
             let len = 1 + next(24) as usize;

@@ -310,13 +310,7 @@ mod tests {
     /// candidates added after `apply_gate` (also for a factor that is not finite).
     #[test]
     fn the_lazy_gate_matches_an_eager_rescale() {
-        let mut x = 0x9E37_79B9_7F4A_7C15u64;
-        let mut next = move |n: u64| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x % n
-        };
+        let mut next = crate::test_rng(0x9E37_79B9_7F4A_7C15u64);
         let decay = Decay::new(1e9, 24);
         let eager = |c: &mut Cands, gate: [f32; 2]| {
             for it in &mut c.items[..c.len] {
