@@ -564,22 +564,14 @@ async fn simulate(
         None => lock(&sim.all_nodes)
             .iter()
             .filter_map(|node| node.chain_cache().map(|c| c.stats()))
-            .fold(
-                Default::default(),
-                |a: overlay::chain_cache::ChainCacheStats, s| {
-                    overlay::chain_cache::ChainCacheStats {
-                        hits: a.hits + s.hits,
-                        misses: a.misses + s.misses,
-                    }
-                },
-            ),
+            .fold(Default::default(), |a, s| a + s),
     };
     overlay.insert("chain_checks_webpki".into(), chain.misses);
     overlay.insert("chain_checks_cached".into(), chain.hits);
     if let Some(c) = &sim.catalog_checks {
-        let (hits, misses) = c.stats();
-        overlay.insert("catalog_checks_ed25519".into(), misses);
-        overlay.insert("catalog_checks_cached".into(), hits);
+        let s = c.stats();
+        overlay.insert("catalog_checks_ed25519".into(), s.misses);
+        overlay.insert("catalog_checks_cached".into(), s.hits);
     }
     let live: Vec<Node> = lock(&sim.nodes).iter().flatten().cloned().collect();
     let mut views = Vec::with_capacity(live.len());

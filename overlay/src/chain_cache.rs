@@ -17,17 +17,14 @@
 //! function of public data and 1,000 simulated peers would otherwise check the same 1,000
 //! chains each. A verifier built for other trust anchors than the cache's gets a private cache.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
+use crate::identity::NodeIdentity;
+use crate::memo::{digest, Memo, MemoStats};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
-use sha2::{Digest, Sha256};
-
-use crate::identity::NodeIdentity;
 
 /// Default number of remembered chains per node (a few per member of a large overlay).
 pub const DEFAULT_CAPACITY: usize = 4096;
@@ -43,10 +40,7 @@ enum Usage {
 #[derive(Debug)]
 pub struct ChainCache {
     roots: [u8; 32],
-    capacity: usize,
-    map: Mutex<HashMap<[u8; 32], Window>>,
-    hits: AtomicU64,
-    misses: AtomicU64,
+    memo: Memo<Window>,
 }
 
 /// Seconds since the Unix epoch, both ends included (webpki's comparison).
@@ -56,14 +50,8 @@ struct Window {
     not_after: u64,
 }
 
-/// Counters of a [`ChainCache`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ChainCacheStats {
-    /// Checks answered from the cache.
-    pub hits: u64,
-    /// Checks that ran webpki (successful or not).
-    pub misses: u64,
-}
+/// Counters of a [`ChainCache`]: `misses` ran webpki.
+pub type ChainCacheStats = MemoStats;
 
 impl ChainCache {
     /// A cache for the trust anchors of `identity` (its CA certificates), holding at most
@@ -71,10 +59,7 @@ impl ChainCache {
     pub fn new(identity: &NodeIdentity, capacity: usize) -> Arc<Self> {
         Arc::new(Self {
             roots: roots_fingerprint(identity),
-            capacity,
-            map: Mutex::new(HashMap::new()),
-            hits: AtomicU64::new(0),
-            misses: AtomicU64::new(0),
+            memo: Memo::new(capacity),
         })
     }
 
@@ -83,31 +68,24 @@ impl ChainCache {
     pub fn for_identity(cache: Option<&Arc<Self>>, identity: &NodeIdentity) -> Arc<Self> {
         match cache {
             Some(c) if c.roots == roots_fingerprint(identity) => c.clone(),
-            Some(c) => Self::new(identity, c.capacity),
+            Some(c) => Self::new(identity, c.memo.capacity()),
             None => Self::new(identity, DEFAULT_CAPACITY),
         }
     }
 
     /// Hits and misses so far.
     pub fn stats(&self) -> ChainCacheStats {
-        ChainCacheStats {
-            hits: self.hits.load(Ordering::Relaxed),
-            misses: self.misses.load(Ordering::Relaxed),
-        }
+        self.memo.stats()
     }
 
     /// Number of chains held.
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.memo.len()
     }
 
     /// True when no chain is held.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Window>> {
-        self.map.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Runs `check` unless a chain with this key is known valid at `now`; remembers a success.
@@ -119,43 +97,23 @@ impl ChainCache {
         now: UnixTime,
         check: impl FnOnce() -> Result<(), E>,
     ) -> Result<(), E> {
-        if self.capacity == 0 {
-            self.misses.fetch_add(1, Ordering::Relaxed);
-            return check();
-        }
-        let key = chain_key(usage, end_entity, intermediates);
         let t = now.as_secs();
-        if let Some(w) = self.lock().get(&key) {
-            if w.not_before <= t && t <= w.not_after {
-                self.hits.fetch_add(1, Ordering::Relaxed);
-                return Ok(());
-            }
-        }
-        self.misses.fetch_add(1, Ordering::Relaxed);
-        check()?;
-        // webpki accepted every certificate, so they parse; if one does not parse here, the
-        // chain is simply not remembered.
-        if let Some(window) = chain_window(end_entity, intermediates) {
-            let mut map = self.lock();
-            if map.len() >= self.capacity {
-                map.retain(|_, w| w.not_after >= t);
-                if map.len() >= self.capacity {
-                    map.clear();
-                }
-            }
-            map.insert(key, window);
-        }
-        Ok(())
+        self.memo.check(
+            || chain_key(usage, end_entity, intermediates),
+            |w| w.not_before <= t && t <= w.not_after,
+            || {
+                check()?;
+                // webpki accepted every certificate, so they parse; if one does not parse
+                // here, the chain is simply not remembered.
+                Ok(chain_window(end_entity, intermediates))
+            },
+            |w| w.not_after >= t,
+        )
     }
 }
 
 fn roots_fingerprint(identity: &NodeIdentity) -> [u8; 32] {
-    let mut h = Sha256::new();
-    for ca in &identity.ca {
-        h.update((ca.len() as u64).to_be_bytes());
-        h.update(ca.as_ref());
-    }
-    h.finalize().into()
+    digest(identity.ca.iter().map(|ca| ca.as_ref()))
 }
 
 fn chain_key(
@@ -163,13 +121,12 @@ fn chain_key(
     end_entity: &CertificateDer<'_>,
     intermediates: &[CertificateDer<'_>],
 ) -> [u8; 32] {
-    let mut h = Sha256::new();
-    h.update([usage as u8]);
-    for c in std::iter::once(end_entity).chain(intermediates) {
-        h.update((c.len() as u64).to_be_bytes());
-        h.update(c.as_ref());
-    }
-    h.finalize().into()
+    let usage = [usage as u8];
+    digest(
+        std::iter::once(&usage[..])
+            .chain(std::iter::once(end_entity.as_ref()))
+            .chain(intermediates.iter().map(|c| c.as_ref())),
+    )
 }
 
 /// The intersection of the certificates' validity periods (None if one does not parse or the

@@ -25,6 +25,7 @@ pub mod config;
 pub mod demux;
 pub mod identity;
 pub mod membership;
+pub mod memo;
 pub mod node;
 pub mod preauth;
 pub mod routing;

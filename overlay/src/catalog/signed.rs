@@ -7,15 +7,13 @@
 //! docs/PROTOCOL.md), which must be the `node_id` the body names. So an entry is accepted only
 //! if the origin itself signed it, whoever delivered it.
 
-use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use ring::signature::{Ed25519KeyPair, KeyPair as _, UnparsedPublicKey, ED25519};
 use rustls::pki_types::PrivateKeyDer;
-use sha2::{Digest, Sha256};
 
 use crate::identity::NodeId;
+use crate::memo::{digest, Memo, MemoStats};
 use crate::wire::{self, CatalogBody, CatalogHint, CatalogVersion, SignedCatalog};
 
 /// Signature context of a snapshot body.
@@ -173,38 +171,20 @@ pub fn peek_snapshot(s: &SignedCatalog) -> Result<(NodeId, CatalogVersion), Sign
 /// `capacity` entries, then it starts over; failures are never remembered.
 #[derive(Debug)]
 pub struct CheckCache {
-    capacity: usize,
-    seen: Mutex<HashSet<[u8; 32]>>,
-    hits: AtomicU64,
-    misses: AtomicU64,
+    memo: Memo<()>,
 }
 
 impl CheckCache {
     /// A cache of at most `capacity` signatures.
     pub fn new(capacity: usize) -> Arc<Self> {
         Arc::new(Self {
-            capacity,
-            seen: Mutex::new(HashSet::new()),
-            hits: AtomicU64::new(0),
-            misses: AtomicU64::new(0),
+            memo: Memo::new(capacity),
         })
     }
 
-    /// (hits, misses) so far; a miss ran Ed25519.
-    pub fn stats(&self) -> (u64, u64) {
-        (
-            self.hits.load(Ordering::Relaxed),
-            self.misses.load(Ordering::Relaxed),
-        )
-    }
-
-    fn key(context: &[u8], s: &SignedCatalog) -> [u8; 32] {
-        let mut h = Sha256::new();
-        for part in [context, &s.key[..], &s.body[..], &s.signature[..]] {
-            h.update((part.len() as u64).to_be_bytes());
-            h.update(part);
-        }
-        h.finalize().into()
+    /// Hits and misses so far; a miss ran Ed25519.
+    pub fn stats(&self) -> MemoStats {
+        self.memo.stats()
     }
 }
 
@@ -218,30 +198,24 @@ pub(crate) fn check(
     if node_id_of_key(&s.key) != node_id {
         return Err(SignedError::KeyMismatch(node_id));
     }
-    let key = cache.map(|c| (c, CheckCache::key(context, s)));
-    if let Some((c, k)) = &key {
-        if c.seen.lock().unwrap_or_else(|e| e.into_inner()).contains(k) {
-            c.hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(());
-        }
-        c.misses.fetch_add(1, Ordering::Relaxed);
+    let verify = || {
+        let mut msg = Vec::with_capacity(context.len() + s.body.len());
+        msg.extend_from_slice(context);
+        msg.extend_from_slice(&s.body);
+        UnparsedPublicKey::new(&ED25519, &s.key)
+            .verify(&msg, &s.signature)
+            .map(|()| Some(()))
+            .map_err(|_| SignedError::BadSignature(node_id))
+    };
+    match cache {
+        None => verify().map(|_| ()),
+        Some(c) => c.memo.check(
+            || digest([context, &s.key[..], &s.body[..], &s.signature[..]]),
+            |()| true,
+            verify,
+            |()| false,
+        ),
     }
-    let mut msg = Vec::with_capacity(context.len() + s.body.len());
-    msg.extend_from_slice(context);
-    msg.extend_from_slice(&s.body);
-    UnparsedPublicKey::new(&ED25519, &s.key)
-        .verify(&msg, &s.signature)
-        .map_err(|_| SignedError::BadSignature(node_id))?;
-    if let Some((c, k)) = key {
-        let mut seen = c.seen.lock().unwrap_or_else(|e| e.into_inner());
-        if seen.len() >= c.capacity {
-            seen.clear();
-        }
-        if c.capacity > 0 {
-            seen.insert(k);
-        }
-    }
-    Ok(())
 }
 
 /// Checks a signed snapshot: the body decodes within limits, the key is the origin's, the
@@ -297,7 +271,11 @@ mod tests {
                 verify_snapshot(&good).unwrap()
             );
         }
-        assert_eq!(cache.stats(), (2, 1), "one Ed25519 check, then hits");
+        assert_eq!(
+            cache.stats(),
+            MemoStats { hits: 2, misses: 1 },
+            "one Ed25519 check, then hits"
+        );
         // A forged signature on the same body is checked, refused and not remembered.
         let mut forged = good.clone();
         forged.signature[0] ^= 1;
@@ -307,12 +285,12 @@ mod tests {
                 Err(SignedError::BadSignature(_))
             ));
         }
-        assert_eq!(cache.stats(), (2, 3));
+        assert_eq!(cache.stats(), MemoStats { hits: 2, misses: 3 });
         // Capacity 0 remembers nothing.
         let off = CheckCache::new(0);
         verify_snapshot_cached(&good, Some(&off)).unwrap();
         verify_snapshot_cached(&good, Some(&off)).unwrap();
-        assert_eq!(off.stats(), (0, 2));
+        assert_eq!(off.stats(), MemoStats { hits: 0, misses: 2 });
     }
 
     #[test]
