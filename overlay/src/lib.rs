@@ -2,7 +2,7 @@
 //!
 //! - [`identity`]: the overlay CA, node certificates and node ids.
 //! - [`tls`]: TLS 1.3 mutual authentication, checked on every connection.
-//! - [`chain_cache`]: verified certificate chains, checked once while valid.
+//! - [`chain_cache`]: verified certificate chains, checked once while valid ([`memo`]).
 //! - [`wire`]: versioned stream headers, frames and datagrams (pure encode/decode).
 //! - [`membership`]: SWIM membership (foca), sans-IO.
 //! - [`channel`]: authenticated membership datagrams beside QUIC (no handshake per target), sans-IO.
