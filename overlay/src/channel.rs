@@ -263,9 +263,11 @@ struct Peer {
     known: Option<Arc<Known>>,
     pending: Option<Pending>,
     theirs: Option<([u8; 32], Instant)>,
-    session: Option<Session>,
+    /// Boxed, as is `candidate`: ring's AEAD keys are sized for AES-GCM's tables (~0.5 KiB
+    /// each), and a node keeps an entry for every peer it has talked to, most with no session.
+    session: Option<Box<Session>>,
     /// Set up in answer to an `INIT` while `session` exists; replaces it once the peer uses it.
-    candidate: Option<Session>,
+    candidate: Option<Box<Session>>,
     queue: VecDeque<Vec<u8>>,
     addr: Option<SocketAddr>,
     last_used: Option<Instant>,
@@ -274,7 +276,7 @@ struct Peer {
 }
 
 impl Peer {
-    fn matches(s: &Option<Session>, mine: &[u8; 32], theirs: &[u8; 32]) -> bool {
+    fn matches(s: &Option<Box<Session>>, mine: &[u8; 32], theirs: &[u8; 32]) -> bool {
         s.as_ref()
             .is_some_and(|s| s.my_nonce == *mine && s.their_nonce == *theirs)
     }
@@ -837,7 +839,7 @@ impl Channel {
             (hi_to_lo, lo_to_hi)
         };
         let sid = u64::from_be_bytes(arr(&okm[64..72]));
-        let session = Session {
+        let session = Box::new(Session {
             sid,
             send_key,
             recv_key,
@@ -847,7 +849,7 @@ impl Channel {
             next_counter: 0,
             window: ReplayWindow::default(),
             born: now,
-        };
+        });
         match slot {
             Slot::Current => {
                 self.drop_session(to);
@@ -1111,7 +1113,7 @@ impl Channel {
             p.addr = Some(from);
         }
         let reply_to = p.addr.unwrap_or(from);
-        let answered = |s: &Option<Session>| {
+        let answered = |s: &Option<Box<Session>>| {
             s.as_ref()
                 .filter(|s| s.their_nonce == init.nonce)
                 .map(|s| (s.my_nonce, s.their_nonce))
@@ -1207,7 +1209,7 @@ impl Channel {
             }
             None => {
                 let ours =
-                    |s: &Option<Session>| s.as_ref().is_some_and(|s| s.their_nonce == h.nonce);
+                    |s: &Option<Box<Session>>| s.as_ref().is_some_and(|s| s.their_nonce == h.nonce);
                 if !ours(&p.session) && !ours(&p.candidate) {
                     // A fresh nonce, authenticated: the peer holds no session with us (it
                     // restarted, or its session expired). Ours is useless to it.
